@@ -1,0 +1,34 @@
+# The README's two commands live here: `make demo` and `make test`. Each does all of its own set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.sapa-installed
+
+.PHONY: demo test test-slow bench setup clean
+
+setup: $(STAMP)
+
+# torch/torchvision come from the package registry on purpose (--isolated ignores the machine's
+# pip config, whose pre-seeded CPU-only torch wheel cannot import torchvision 0.28.0); versions are
+# read from constraints.txt, the one place they are pinned.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --isolated -q $$(grep -E '^(torch|torchvision)==' constraints.txt)
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sapa list --run
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-slow: $(STAMP)
+	SAPA_SLOW=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/sapa bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

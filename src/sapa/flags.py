@@ -1,0 +1,36 @@
+"""Every environment flag sapa reads, in one place.
+
+SAPA_BACKEND      force a backend for every op ("reference", "cpu", "triton"); unset = automatic.
+SAPA_LOG_LEVEL    log level of the ``sapa`` logger (e.g. DEBUG to see why a backend declined).
+SAPA_SLOW         "1" runs the long test sweeps (tests marked ``slow``).
+TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def backend_override() -> str | None:
+    return _env("SAPA_BACKEND")
+
+
+def slow_tests() -> bool:
+    return _env("SAPA_SLOW", "0") not in ("0", "false", "False")
+
+
+def triton_interpret() -> bool:
+    return _env("TRITON_INTERPRET", "0") not in ("0", "false", "False")
+
+
+def configure_logging() -> logging.Logger:
+    logger = logging.getLogger("sapa")
+    level = _env("SAPA_LOG_LEVEL")
+    if level is not None:
+        logger.setLevel(level.upper())
+    return logger
