@@ -1,0 +1,473 @@
+"""Triton kernels for the window ops (GPU; on CPU tensors under TRITON_INTERPRET=1, which is how CI
+checks them). Kernels and launchers only; custom-op registration and autograd live in op.py.
+
+Index conventions (SPEC §1): high-res pixel p = (i, j) of an [H', W'] map, flattened p = i * W' + j;
+low-res centre (i // S, j // S); window entry n = (dy + R) * K + (dx + R). Out-of-range window
+positions have key 0 (logit exactly 0, still in the softmax) and value 0.
+
+Design:
+* Forward of the fused op ``sapa`` never writes the [B, K², H', W'] map: a program owns BLOCK_P
+  output pixels and one block of value channels; pass 1 computes the row-wise log-sum-exp online over
+  the K² logits, pass 2 recomputes each logit (a d-long dot: d = 32 is small next to C = 256) and
+  accumulates exp(logit - lse) * v. Saved for backward: out and lse [B, H', W'].
+* Backward recomputes, never stores, the kernel map. With w = exp(a - lse), dw_n = <g_p, v_n> and
+  delta_p = <g_p, out_p> (the flash-attention identity sum_n w_n dw_n = delta_p), da_n = w_n (dw_n -
+  delta_p). dq is a gather over the K² window entries of each high-res pixel; dk and dv are gathers
+  over the K² * S² high-res pixels that see each low-res pixel, so no atomics are needed and the
+  result is deterministic.
+* All accumulation is float32; half-precision inputs are loaded and upcast, outputs cast on store.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _np2(n: int, lo: int = 16, hi: int = 128) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot_window(a_ptr, a_base, a_sc, a_off, b_ptr, b_base, b_sc, b_off, mask_a, mask_b, D,
+                BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """sum_d a[a_base + d*a_sc + a_off[p]] * b[b_base + d*b_sc + b_off[p]] for each of BLOCK_P pixels."""
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        md = offs_d < D
+        at = tl.load(a_ptr + a_base + offs_d[:, None] * a_sc + a_off[None, :],
+                     mask=md[:, None] & mask_a[None, :], other=0.0).to(ACC)
+        bt = tl.load(b_ptr + b_base + offs_d[:, None] * b_sc + b_off[None, :],
+                     mask=md[:, None] & mask_b[None, :], other=0.0).to(ACC)
+        acc += tl.sum(at * bt, axis=0)
+    return acc
+
+
+@triton.jit
+def _window_pos(n, li, lj, H, W, mask_p, K: tl.constexpr):
+    R: tl.constexpr = K // 2
+    dy = n // K - R
+    dx = n % K - R
+    ki = li + dy
+    kj = lj + dx
+    valid = mask_p & (ki >= 0) & (ki < H) & (kj >= 0) & (kj < W)
+    return ki, kj, valid
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused sapa: forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+                     D, C, H, W, Hq, Wq,
+                     sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw,
+                     sob, soc, soh, sow,
+                     K: tl.constexpr, S: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    li = i // S
+    lj = j // S
+    q_off = i * sqh + j * sqw
+    # pass 1: online log-sum-exp over the K*K logits
+    m = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
+    l = tl.zeros([BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
+        a = _dot_window(q_ptr, b * sqb, sqc, q_off, k_ptr, b * skb, skc, ki * skh + kj * skw,
+                        mask_p, valid, D, BLOCK_D, BLOCK_P, ACC)
+        m_new = tl.maximum(m, a)
+        l = l * tl.exp(m - m_new) + tl.exp(a - m_new)
+        m = m_new
+    lse = m + tl.log(l)
+    # pass 2: weighted sum of values for this block of channels
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
+        a = _dot_window(q_ptr, b * sqb, sqc, q_off, k_ptr, b * skb, skc, ki * skh + kj * skw,
+                        mask_p, valid, D, BLOCK_D, BLOCK_P, ACC)
+        w = tl.exp(a - lse)
+        vt = tl.load(v_ptr + b * svb + offs_c[:, None] * svc + (ki * svh + kj * svw)[None, :],
+                     mask=mc[:, None] & valid[None, :], other=0.0).to(ACC)
+        acc += vt * w[None, :]
+    tl.store(out_ptr + b * sob + offs_c[:, None] * soc + (i * soh + j * sow)[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mask_p[None, :])
+    if pid_c == 0:
+        tl.store(lse_ptr + b * Hq * Wq + offs_p, lse, mask=mask_p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused sapa: backward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rowdot_kernel(a_ptr, b_ptr, out_ptr, C, Hq, Wq, sab, sac, sah, saw, sbb, sbc, sbh, sbw,
+                   ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, p] = sum_c a[b, c, p] * b[b, c, p]  (delta = <grad_out, out>)."""
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    acc = _dot_window(a_ptr, b * sab, sac, i * sah + j * saw, b_ptr, b * sbb, sbc, i * sbh + j * sbw,
+                      mask_p, mask_p, C, BLOCK_C, BLOCK_P, ACC)
+    tl.store(out_ptr + b * Hq * Wq + offs_p, acc, mask=mask_p)
+
+
+@triton.jit
+def _sapa_bwd_q_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
+                       D, C, H, W, Hq, Wq,
+                       sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw, sgb, sgc, sgh, sgw,
+                       K: tl.constexpr, S: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dq[:, p] = sum_n da[p, n] k[:, window n of p] for one block of d-channels."""
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    li = i // S
+    lj = j // S
+    lse = tl.load(lse_ptr + b * Hq * Wq + offs_p, mask=mask_p, other=0.0)
+    delta = tl.load(delta_ptr + b * Hq * Wq + offs_p, mask=mask_p, other=0.0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    dq = tl.zeros([BLOCK_D, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
+        a = _dot_window(q_ptr, b * sqb, sqc, i * sqh + j * sqw, k_ptr, b * skb, skc, ki * skh + kj * skw,
+                        mask_p, valid, D, BLOCK_D, BLOCK_P, ACC)
+        dw = _dot_window(g_ptr, b * sgb, sgc, i * sgh + j * sgw, v_ptr, b * svb, svc, ki * svh + kj * svw,
+                         mask_p, valid, C, BLOCK_C, BLOCK_P, ACC)
+        da = tl.exp(a - lse) * (dw - delta)
+        kt = tl.load(k_ptr + b * skb + offs_d[:, None] * skc + (ki * skh + kj * skw)[None, :],
+                     mask=md[:, None] & valid[None, :], other=0.0).to(ACC)
+        dq += kt * da[None, :]
+    tl.store(dq_ptr + b * D * Hq * Wq + offs_d[:, None] * Hq * Wq + offs_p[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=md[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _sapa_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dx_ptr,
+                        D, C, H, W, Hq, Wq,
+                        sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw, sgb, sgc, sgh, sgw,
+                        K: tl.constexpr, S: tl.constexpr, DO_K: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_X: tl.constexpr):
+    """dk (DO_K) or dv of low-res pixel (h, w), gathered over the high-res pixels that see (h, w) as
+    window entry n: they lie in the S x S block of low-res centre (h - dy, w - dx).
+    dk[:, h, w] = sum da * q[:, p];  dv[:, h, w] = sum w * grad_out[:, p]. Axis 1 = output channel block."""
+    pid_p = tl.program_id(0)
+    pid_x = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    R: tl.constexpr = K // 2
+    offs_l = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_l = offs_l < H * W
+    h = offs_l // W
+    w = offs_l % W
+    k_off = h * skh + w * skw
+    v_off = h * svh + w * svw
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    if DO_K:
+        mx = offs_x < D
+    else:
+        mx = offs_x < C
+    acc = tl.zeros([BLOCK_X, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ci = h - (n // K - R)
+        cj = w - (n % K - R)
+        cvalid = mask_l & (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
+        for sub in tl.static_range(S * S):
+            i = ci * S + sub // S
+            j = cj * S + sub % S
+            valid = cvalid & (i < Hq) & (j < Wq)
+            p = i * Wq + j
+            lse = tl.load(lse_ptr + b * Hq * Wq + p, mask=valid, other=0.0)
+            a = _dot_window(q_ptr, b * sqb, sqc, i * sqh + j * sqw, k_ptr, b * skb, skc, k_off,
+                            valid, valid, D, BLOCK_D, BLOCK_P, ACC)
+            wt = tl.where(valid, tl.exp(a - lse), 0.0)
+            if DO_K:
+                delta = tl.load(delta_ptr + b * Hq * Wq + p, mask=valid, other=0.0)
+                dw = _dot_window(g_ptr, b * sgb, sgc, i * sgh + j * sgw, v_ptr, b * svb, svc, v_off,
+                                 valid, valid, C, BLOCK_C, BLOCK_P, ACC)
+                coef = wt * (dw - delta)
+                src = tl.load(q_ptr + b * sqb + offs_x[:, None] * sqc + (i * sqh + j * sqw)[None, :],
+                              mask=mx[:, None] & valid[None, :], other=0.0).to(ACC)
+            else:
+                coef = wt
+                src = tl.load(g_ptr + b * sgb + offs_x[:, None] * sgc + (i * sgh + j * sgw)[None, :],
+                              mask=mx[:, None] & valid[None, :], other=0.0).to(ACC)
+            acc += src * coef[None, :]
+    if DO_K:
+        nch = D
+    else:
+        nch = C
+    tl.store(dx_ptr + b * nch * H * W + offs_x[:, None] * H * W + offs_l[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & mask_l[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# window_similarity and reassemble (unfused ops; CARAFE-style reassembly with groups)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _similarity_fwd_kernel(q_ptr, k_ptr, out_ptr, D, H, W, Hq, Wq,
+                           sqb, sqc, sqh, sqw, skb, skc, skh, skw,
+                           K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
+        a = _dot_window(q_ptr, b * sqb, sqc, i * sqh + j * sqw, k_ptr, b * skb, skc, ki * skh + kj * skw,
+                        mask_p, valid, D, BLOCK_D, BLOCK_P, ACC)
+        tl.store(out_ptr + (b * K * K + n) * Hq * Wq + offs_p, a.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+
+@triton.jit
+def _similarity_bwd_q_kernel(g_ptr, k_ptr, dq_ptr, D, H, W, Hq, Wq, skb, skc, skh, skw,
+                             K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq[:, p] = sum_n g[n, p] k[:, window n]; g is contiguous [B, K*K, H', W']."""
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    acc = tl.zeros([BLOCK_D, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
+        g = tl.load(g_ptr + (b * K * K + n) * Hq * Wq + offs_p, mask=mask_p, other=0.0).to(ACC)
+        kt = tl.load(k_ptr + b * skb + offs_d[:, None] * skc + (ki * skh + kj * skw)[None, :],
+                     mask=md[:, None] & valid[None, :], other=0.0).to(ACC)
+        acc += kt * g[None, :]
+    tl.store(dq_ptr + b * D * Hq * Wq + offs_d[:, None] * Hq * Wq + offs_p[None, :],
+             acc.to(dq_ptr.dtype.element_ty), mask=md[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _gather_lowres_kernel(m_ptr, x_ptr, out_ptr, Cx, H, W, Hq, Wq, CPG,
+                          sxb, sxc, sxh, sxw,
+                          K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c, h, w] = sum_n sum_{p sees (h, w) as entry n} m[g(c)*K*K + n, p] * x[c, p].
+
+    m is a contiguous [B, G*K*K, H', W'] map (weights of reassemble, or dlogits of similarity) and x
+    a high-res [B, Cx, H', W'] map (grad_out of reassemble, or q of similarity); CPG = channels per
+    group of x (Cx when the map has a single group). Serves d(reassemble)/dv and d(similarity)/dk."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    R: tl.constexpr = K // 2
+    offs_l = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_l = offs_l < H * W
+    h = offs_l // W
+    w = offs_l % W
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < Cx
+    grp = offs_c // CPG
+    G = tl.cdiv(Cx, CPG)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ci = h - (n // K - R)
+        cj = w - (n % K - R)
+        cvalid = mask_l & (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
+        for sub in tl.static_range(S * S):
+            i = ci * S + sub // S
+            j = cj * S + sub % S
+            valid = cvalid & (i < Hq) & (j < Wq)
+            p = i * Wq + j
+            mt = tl.load(m_ptr + ((b * G + grp[:, None]) * K * K + n) * Hq * Wq + p[None, :],
+                         mask=mc[:, None] & valid[None, :], other=0.0).to(ACC)
+            xt = tl.load(x_ptr + b * sxb + offs_c[:, None] * sxc + (i * sxh + j * sxw)[None, :],
+                         mask=mc[:, None] & valid[None, :], other=0.0).to(ACC)
+            acc += mt * xt
+    tl.store(out_ptr + b * Cx * H * W + offs_c[:, None] * H * W + offs_l[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mask_l[None, :])
+
+
+@triton.jit
+def _reassemble_fwd_kernel(w_ptr, v_ptr, out_ptr, C, H, W, Hq, Wq, CPG,
+                           svb, svc, svh, svw,
+                           K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c, p] = sum_n w[g(c)*K*K + n, p] * v[c, window n of p]; w contiguous [B, G*K*K, H', W']."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    grp = offs_c // CPG
+    G = tl.cdiv(C, CPG)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
+        wt = tl.load(w_ptr + ((b * G + grp[:, None]) * K * K + n) * Hq * Wq + offs_p[None, :],
+                     mask=mc[:, None] & mask_p[None, :], other=0.0).to(ACC)
+        vt = tl.load(v_ptr + b * svb + offs_c[:, None] * svc + (ki * svh + kj * svw)[None, :],
+                     mask=mc[:, None] & valid[None, :], other=0.0).to(ACC)
+        acc += wt * vt
+    tl.store(out_ptr + b * C * Hq * Wq + offs_c[:, None] * Hq * Wq + offs_p[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _reassemble_bwd_w_kernel(g_ptr, v_ptr, dw_ptr, C, H, W, Hq, Wq, CPG,
+                             sgb, sgc, sgh, sgw, svb, svc, svh, svw,
+                             K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw[g*K*K + n, p] = sum_{c in group g} grad_out[c, p] * v[c, window n of p]."""
+    pid_p = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    G = tl.num_programs(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Hq * Wq
+    i = offs_p // Wq
+    j = offs_p % Wq
+    for n in tl.static_range(K * K):
+        ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
+        d = _dot_window(g_ptr, b * sgb + g * CPG * sgc, sgc, i * sgh + j * sgw,
+                        v_ptr, b * svb + g * CPG * svc, svc, ki * svh + kj * svw,
+                        mask_p, valid, CPG, BLOCK_C, BLOCK_P, ACC)
+        tl.store(dw_ptr + ((b * G + g) * K * K + n) * Hq * Wq + offs_p, d.to(dw_ptr.dtype.element_ty),
+                 mask=mask_p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers (inputs already validated and of one dtype; outputs contiguous NCHW)
+# ----------------------------------------------------------------------------------------------------
+BLOCK_P = 32
+
+
+def _acc(dtype: torch.dtype):
+    """Accumulate float64 in float64, everything else (fp32, fp16, bf16) in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grid(n_pix: int, *rest: int):
+    return (triton.cdiv(max(n_pix, 1), BLOCK_P), *rest)
+
+
+def sapa_fwd(q, k, v, K: int, S: int):
+    """Fused forward: returns out [B, C, H', W'] and lse [B, H', W'] (saved for backward)."""
+    B, D, Hq, Wq = q.shape
+    C, H, W = v.shape[1:]
+    out = torch.empty(B, C, Hq, Wq, device=v.device, dtype=v.dtype)
+    lse = torch.empty(B, Hq, Wq, device=v.device, dtype=_stat_dtype(v.dtype))
+    if B and Hq * Wq and C:
+        BD, BC = _np2(D, hi=64), _np2(C, hi=64)
+        _sapa_fwd_kernel[_grid(Hq * Wq, triton.cdiv(C, BC), B)](
+            q, k, v, out, lse, D, C, H, W, Hq, Wq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            K=K, S=S, ACC=_acc(v.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BD, BLOCK_C=BC)
+    return out, lse
+
+
+def sapa_bwd(grad_out, q, k, v, out, lse, K: int, S: int):
+    """Fused backward: dq, dk, dv, recomputing the kernel map from q, k and lse."""
+    B, D, Hq, Wq = q.shape
+    C, H, W = v.shape[1:]
+    dq = torch.zeros(B, D, Hq, Wq, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, D, H, W, device=k.device, dtype=k.dtype)
+    dv = torch.zeros(B, C, H, W, device=v.device, dtype=v.dtype)
+    if B == 0 or Hq * Wq == 0 or C == 0:
+        return dq, dk, dv
+    acc = _acc(v.dtype)
+    BD, BC = _np2(D, hi=64), _np2(C, hi=64)
+    delta = torch.empty(B, Hq, Wq, device=q.device, dtype=_stat_dtype(v.dtype))
+    _rowdot_kernel[_grid(Hq * Wq, B)](grad_out, out, delta, C, Hq, Wq, *grad_out.stride(), *out.stride(),
+                                      ACC=acc, BLOCK_P=BLOCK_P, BLOCK_C=BC)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    if D:
+        _sapa_bwd_q_kernel[_grid(Hq * Wq, triton.cdiv(D, BD), B)](
+            q, k, v, grad_out, lse, delta, dq, D, C, H, W, Hq, Wq, *strides,
+            K=K, S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=BD, BLOCK_C=BC)
+    for do_k, dx, nch in ((True, dk, D), (False, dv, C)):
+        if nch:
+            bx = _np2(nch, hi=64)
+            _sapa_bwd_kv_kernel[_grid(H * W, triton.cdiv(nch, bx), B)](
+                q, k, v, grad_out, lse, delta, dx, D, C, H, W, Hq, Wq, *strides,
+                K=K, S=S, DO_K=do_k, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=BD, BLOCK_C=BC, BLOCK_X=bx)
+    return dq, dk, dv
+
+
+def similarity_fwd(q, k, K: int, S: int):
+    B, D, Hq, Wq = q.shape
+    H, W = k.shape[-2:]
+    out = torch.empty(B, K * K, Hq, Wq, device=q.device, dtype=q.dtype)
+    if out.numel():
+        _similarity_fwd_kernel[_grid(Hq * Wq, B)](
+            q, k, out, D, H, W, Hq, Wq, *q.stride(), *k.stride(),
+            K=K, S=S, ACC=_acc(q.dtype), BLOCK_P=BLOCK_P, BLOCK_D=_np2(D, hi=64))
+    return out
+
+
+def similarity_bwd(grad, q, k, K: int, S: int):
+    B, D, Hq, Wq = q.shape
+    H, W = k.shape[-2:]
+    grad = grad.contiguous()
+    dq = torch.zeros(B, D, Hq, Wq, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, D, H, W, device=k.device, dtype=k.dtype)
+    if B == 0 or Hq * Wq == 0 or D == 0:
+        return dq, dk
+    acc, BD = _acc(q.dtype), _np2(D, hi=64)
+    _similarity_bwd_q_kernel[_grid(Hq * Wq, triton.cdiv(D, BD), B)](
+        grad, k, dq, D, H, W, Hq, Wq, *k.stride(), K=K, S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=BD)
+    _gather_lowres_kernel[_grid(H * W, triton.cdiv(D, BD), B)](
+        grad, q, dk, D, H, W, Hq, Wq, D, *q.stride(), K=K, S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_C=BD)
+    return dq, dk
+
+
+def reassemble_fwd(weights, v, K: int, S: int, G: int):
+    B, C, H, W = v.shape
+    Hq, Wq = weights.shape[-2:]
+    weights = weights.contiguous()
+    out = torch.empty(B, C, Hq, Wq, device=v.device, dtype=v.dtype)
+    if out.numel():
+        BC = _np2(C, hi=64)
+        _reassemble_fwd_kernel[_grid(Hq * Wq, triton.cdiv(C, BC), B)](
+            weights, v, out, C, H, W, Hq, Wq, C // G, *v.stride(),
+            K=K, S=S, ACC=_acc(v.dtype), BLOCK_P=BLOCK_P, BLOCK_C=BC)
+    return out
+
+
+def reassemble_bwd(grad_out, weights, v, K: int, S: int, G: int):
+    B, C, H, W = v.shape
+    Hq, Wq = weights.shape[-2:]
+    weights = weights.contiguous()
+    dw = torch.zeros(B, G * K * K, Hq, Wq, device=v.device, dtype=weights.dtype)
+    dv = torch.zeros(B, C, H, W, device=v.device, dtype=v.dtype)
+    if B == 0 or Hq * Wq == 0 or C == 0:
+        return dw, dv
+    acc = _acc(v.dtype)
+    _reassemble_bwd_w_kernel[_grid(Hq * Wq, G, B)](
+        grad_out, v, dw, C, H, W, Hq, Wq, C // G, *grad_out.stride(), *v.stride(),
+        K=K, S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_C=_np2(C // G, hi=64))
+    BC = _np2(C, hi=64)
+    _gather_lowres_kernel[_grid(H * W, triton.cdiv(C, BC), B)](
+        weights, grad_out, dv, C, H, W, Hq, Wq, C // G, *grad_out.stride(),
+        K=K, S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_C=BC)
+    return dw, dv
