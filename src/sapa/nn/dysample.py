@@ -28,16 +28,18 @@ class DySample(Upsampler):
       same shape, ``o * sigmoid(scope) * 0.5`` (the product is taken before ``pixel_unshuffle`` in 'pl').
 
     Channel layout of the ``2 G s^2`` offsets: ``[x/y, group, sub-row, sub-col]`` (x offsets first).
-    The initial sub-pixel grid ``init_pos`` (a buffer) adds ``((b - (s-1)/2)/s, (a - (s-1)/2)/s)``
-    to sub-pixel ``(a, b)``, so with zero offsets every output pixel samples at exactly the position
+    The initial sub-pixel grid (:meth:`init_pos`) adds ``((b - (s-1)/2)/s, (a - (s-1)/2)/s)`` to
+    sub-pixel ``(a, b)``, so with zero offsets every output pixel samples at exactly the position
     bilinear interpolation (align_corners=False) uses: DySample starts as bilinear upsampling.
     Sampling: position ``(j + 0.5 + o_x, i + 0.5 + o_y)`` of low-res pixel ``(i, j)`` in
     ``grid_sample``'s pixel-edge units, ``mode='bilinear', align_corners=False,
     padding_mode='border'`` (contrast SAPA-D: no base grid, no scaling, zero padding).
 
     Init as the official code: offset conv normal(std=0.001), zero bias; scope conv all zeros
-    (``sigmoid(0) = 0.5``). Parameter names (``offset``, ``scope``, ``init_pos``) match the official
-    module, so its state_dicts load as is.
+    (``sigmoid(0) = 0.5``). Parameter names (``offset``, ``scope``) match the official module.
+    Deviation: the official module stores the initial grid as a float32 buffer ``init_pos``; here it
+    is computed in the offsets' dtype on every call (exact in float64 for any s, e.g. +-1/3 at s=3),
+    so official state_dicts load with ``strict=False`` (the ``init_pos`` key is not needed).
 
     Args: style ('lp' | 'pl'), groups G (4; must divide C, and C/s^2 for 'pl'), dyscope (False).
     Params ('lp'): ``(C + 1) * 2 G s^2`` (x2 with dyscope) = 8,224 at C = 256, s = 2;
@@ -67,13 +69,13 @@ class DySample(Upsampler):
             self.scope = nn.Conv2d(cin, cout, 1)
             nn.init.zeros_(self.scope.weight)
             nn.init.zeros_(self.scope.bias)
-        self.register_buffer("init_pos", self._init_pos())
 
-    def _init_pos(self) -> torch.Tensor:
+    def init_pos(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """Initial sub-pixel offsets ``[1, 2*G*s^2, 1, 1]``, layout ``[x/y, group, sub-row, sub-col]``."""
         s, G = self.scale_factor, self.groups
-        h = (torch.arange(s, dtype=torch.float32) - (s - 1) / 2) / s
+        h = (torch.arange(s, dtype=torch.float64, device=device) - (s - 1) / 2) / s
         pos = torch.stack([h.view(1, s).expand(s, s), h.view(s, 1).expand(s, s)])  # [2 (x, y), s, s]
-        return pos.unsqueeze(1).expand(2, G, s, s).reshape(1, 2 * G * s * s, 1, 1).clone()
+        return pos.unsqueeze(1).expand(2, G, s, s).reshape(1, 2 * G * s * s, 1, 1).to(dtype)
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
         """Sampling offsets in low-res pixels, initial grid included: ``[B, 2*G*s^2, H, W]``."""
@@ -84,7 +86,7 @@ class DySample(Upsampler):
             o = o * torch.sigmoid(self.scope(src))
         if self.style == "pl":
             o = F.pixel_unshuffle(o, s)
-        return o * (0.5 if self.dyscope else 0.25) + self.init_pos.to(o.dtype)
+        return o * (0.5 if self.dyscope else 0.25) + self.init_pos(o.dtype, o.device)
 
     def sample(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Bilinearly sample x at ``pixel centre + offset``: ``[B, C, H, W]`` -> ``[B, C, sH, sW]``."""
