@@ -492,3 +492,14 @@ def test_channels_not_multiple_of_32(name):
     assert name != "a2u"
     out = _call(m, torch.randn(1, C, 2, 3, dtype=F64), torch.randn(1, C, 4, 6, dtype=F64))
     assert out.shape == (1, C, 4, 6)
+
+
+@pytest.mark.parametrize("name, kw", [(n, {}) for n in BASELINES] + [("dysample", {"style": "pl"})],
+                         ids=BASELINES + ["dysample-pl"])
+def test_scale_three_and_batch_zero(name, kw):
+    # DySample 'pl' regression: torch's F.pixel_unshuffle returns an empty batch unchanged
+    m = _build(name, 36 if name != "a2u" else 32, 3, **kw)
+    C = m.in_channels
+    for B in (0, 1):
+        x, y = torch.randn(B, C, 2, 3, dtype=F64), torch.randn(B, C, 5, 9, dtype=F64)
+        assert _call(m, x, y).shape == (B, C, 5, 9)

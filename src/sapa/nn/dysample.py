@@ -16,6 +16,15 @@ from ..registry import Upsampler, register_upsampler
 from ._layers import crop
 
 
+def _pixel_unshuffle(t: torch.Tensor, s: int) -> torch.Tensor:
+    """``F.pixel_unshuffle`` (channel ``c*s*s + a*s + b`` <- sub-pixel ``(a, b)`` of channel ``c``)
+    written as a view + permute: torch 2.13's ``F.pixel_unshuffle`` returns an empty batch unchanged
+    ([0, C, sH, sW] instead of [0, s*s*C, H, W])."""
+    B, Cc, Hs, Ws = t.shape
+    H, W = Hs // s, Ws // s
+    return t.view(B, Cc, H, s, W, s).permute(0, 1, 3, 5, 2, 4).reshape(B, Cc * s * s, H, W)
+
+
 @register_upsampler("dysample")
 class DySample(Upsampler):
     """Point-sampling upsampler: every output pixel bilinearly samples x at a predicted position.
@@ -85,7 +94,7 @@ class DySample(Upsampler):
         if self.dyscope:
             o = o * torch.sigmoid(self.scope(src))
         if self.style == "pl":
-            o = F.pixel_unshuffle(o, s)
+            o = _pixel_unshuffle(o, s)
         return o * (0.5 if self.dyscope else 0.25) + self.init_pos(o.dtype, o.device)
 
     def sample(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -97,8 +106,10 @@ class DySample(Upsampler):
         cy = torch.arange(H, device=x.device, dtype=o.dtype).view(H, 1) + 0.5
         gx = 2 * (cx + o[:, 0]) / W - 1
         gy = 2 * (cy + o[:, 1]) / H - 1
-        grid = F.pixel_shuffle(torch.stack([gx, gy], dim=1), s)  # [B, 2, G, sH, sW]
-        grid = grid.permute(0, 2, 3, 4, 1).reshape(B * G, s * H, s * W, 2)
+        # [B, 2, G*s*s, H, W] -> [B*G, sH, sW, 2]: sub-pixel (a, b) of (i, j) -> (s*i + a, s*j + b).
+        # (A pixel_shuffle on this 5-D tensor has no backward for every memory format.)
+        grid = torch.stack([gx, gy], dim=1).view(B, 2, G, s, s, H, W)
+        grid = grid.permute(0, 2, 5, 3, 6, 4, 1).reshape(B * G, s * H, s * W, 2)
         out = F.grid_sample(x.reshape(B * G, Cx // G, H, W), grid.to(x.dtype), mode="bilinear",
                             padding_mode="border", align_corners=False)
         return out.view(B, Cx, s * H, s * W)
