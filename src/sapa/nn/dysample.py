@@ -50,7 +50,10 @@ class DySample(Upsampler):
     is computed in the offsets' dtype on every call (exact in float64 for any s, e.g. +-1/3 at s=3),
     so official state_dicts load with ``strict=False`` (the ``init_pos`` key is not needed).
 
-    Args: style ('lp' | 'pl'), groups G (4; must divide C, and C/s^2 for 'pl'), dyscope (False).
+    Half precision: for float16/bfloat16 x the sampling grid and ``grid_sample`` run in float32
+    (a bfloat16 grid in [-1, 1] is off by up to half a pixel on a 256-wide map); output in x's dtype.
+
+    Args: style ('lp' | 'pl'), groups G (4; must divide C), dyscope (False); 'pl' needs C % s^2 == 0.
     Params ('lp'): ``(C + 1) * 2 G s^2`` (x2 with dyscope) = 8,224 at C = 256, s = 2;
     ('pl'): ``(C/s^2 + 1) * 2G`` (x2 with dyscope) = 520.
     """
@@ -101,7 +104,10 @@ class DySample(Upsampler):
         """Bilinearly sample x at ``pixel centre + offset``: ``[B, C, H, W]`` -> ``[B, C, sH, sW]``."""
         s, G = self.scale_factor, self.groups
         B, Cx, H, W = x.shape
+        low = x.dtype in (torch.float16, torch.bfloat16)
         o = offset.view(B, 2, G * s * s, H, W)
+        if low:
+            o = o.float()
         cx = torch.arange(W, device=x.device, dtype=o.dtype) + 0.5
         cy = torch.arange(H, device=x.device, dtype=o.dtype).view(H, 1) + 0.5
         gx = 2 * (cx + o[:, 0]) / W - 1
@@ -110,9 +116,9 @@ class DySample(Upsampler):
         # (A pixel_shuffle on this 5-D tensor has no backward for every memory format.)
         grid = torch.stack([gx, gy], dim=1).view(B, 2, G, s, s, H, W)
         grid = grid.permute(0, 2, 5, 3, 6, 4, 1).reshape(B * G, s * H, s * W, 2)
-        out = F.grid_sample(x.reshape(B * G, Cx // G, H, W), grid.to(x.dtype), mode="bilinear",
+        out = F.grid_sample(x.reshape(B * G, Cx // G, H, W).to(grid.dtype), grid, mode="bilinear",
                             padding_mode="border", align_corners=False)
-        return out.view(B, Cx, s * H, s * W)
+        return out.view(B, Cx, s * H, s * W).to(x.dtype)
 
     def forward(self, x, guide=None):
         size = self.output_size(x, guide)
