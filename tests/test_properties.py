@@ -286,7 +286,7 @@ def test_4_permutation_invariance(backend):
 # 5. sub-pixel sharing
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("s", [2, 3])
+@pytest.mark.parametrize("s", [2, 3], ids=["s2", "s3"])
 def test_5_subpixel_sharing(backend, s):
     """q identical on each s x s block -> the s^2 outputs of a low-res cell are identical."""
     q = nearest(torch.randn(1, 3, 4, 5, dtype=F64), s)
