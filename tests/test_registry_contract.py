@@ -269,3 +269,12 @@ def test_guide_channels_other_than_in_channels(name):
     assert up.guide_channels == 32
     out = up(torch.randn(2, C, 5, 7), torch.randn(2, 32, 10, 14))
     assert tuple(out.shape) == (2, C, 10, 14)
+
+
+def test_build_upsampler_instance_checks_guide_channels():
+    up = sapa.build_upsampler("sapa_b", 64, guide_channels=32)
+    assert sapa.build_upsampler(up, 64, guide_channels=32) is up
+    with pytest.raises(ValueError, match="guide_channels=64"):
+        sapa.build_upsampler(up, 64)  # host would feed a 64-channel guide
+    unguided = sapa.build_upsampler("nearest", 64)
+    assert sapa.build_upsampler(unguided, 64, guide_channels=32) is unguided  # guide only gives a size

@@ -113,10 +113,13 @@ def build_upsampler(spec: Any, in_channels: int, guide_channels: int | None = No
     after checking that its ``in_channels`` / ``scale_factor`` match.
     """
     if isinstance(spec, Upsampler):
-        if spec.in_channels != in_channels or spec.scale_factor != scale_factor:
+        want_guide = in_channels if guide_channels is None else guide_channels
+        have = (spec.in_channels, spec.scale_factor, spec.guide_channels if spec.needs_guide else want_guide)
+        if have != (in_channels, scale_factor, want_guide):
             raise ValueError(f"build_upsampler: instance {type(spec).__name__} has in_channels="
-                             f"{spec.in_channels}, scale_factor={spec.scale_factor}; the host needs "
-                             f"in_channels={in_channels}, scale_factor={scale_factor}")
+                             f"{spec.in_channels}, guide_channels={spec.guide_channels}, scale_factor="
+                             f"{spec.scale_factor}; the host needs in_channels={in_channels}, "
+                             f"guide_channels={want_guide}, scale_factor={scale_factor}")
         return spec
     if isinstance(spec, dict):
         if "type" not in spec:
