@@ -7,9 +7,11 @@ import pkgutil
 
 from ..registry import Upsampler, build_upsampler, list_upsamplers, register_upsampler
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+# Registration order = listing order: the papers' table order, then anything else alphabetically.
+_ORDER = ["interp", "carafe", "indexnet", "a2u", "fade", "sapa", "dysample"]
+_names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+for _name in sorted(_names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
+    importlib.import_module(f"{__name__}.{_name}")
 
 from .sapa import SAPAB, SAPAD, SAPAG, SAPAI  # noqa: E402
 
