@@ -1,0 +1,271 @@
+"""torch.library custom ops of the deformable (SAPA-D) ops, one section per backend. Same scheme as
+``sapa/ops/window/op.py``: ``sapa::<op>_fwd_<backend>`` with ``register_fake`` and
+``register_autograd`` whose backward is the custom op ``sapa::<op>_bwd_<backend>``.
+
+Ops of the cpu backend (kernels in ``cpu.py``, imported lazily):
+
+    sapa::deform_similarity_fwd_cpu(q, k, offset, P, G, s) -> logits [B, G, P, H', W']
+    sapa::deform_similarity_bwd_cpu(grad, q, k, offset, P, G, s) -> (dq, dk, doffset)
+    sapa::deform_reassemble_fwd_cpu(weights, v, offset, P, G, s) -> out
+    sapa::deform_reassemble_bwd_cpu(grad, weights, v, offset, P, G, s) -> (dweights, dv, doffset)
+    sapa::sapa_deform_fwd_cpu(q, k, v, offset, P, G, s) -> (out, lse)   lse [B, G, H', W']
+    sapa::sapa_deform_bwd_cpu(grad, q, k, v, offset, lse, P, G, s) -> (dq, dk, dv, doffset)
+
+Gradients to the offsets are those of bilinear interpolation (piecewise linear: at an exactly
+integer sampling coordinate the derivative is the one-sided one from the cell above/right, as in
+the CUDA kernel; grid_sample's normalised coordinates may round to the other side there).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...backends import register_impl
+from .._common import compute_dtype
+from ..window.op import as_numpy, cpu_kernels
+
+# ================================================================================= cpu backend
+
+
+def _new(shape, dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _nhwc(kern, t: Tensor, dtype: torch.dtype):
+    """Channels-last [B, H, W, C] numpy copy of a low-res NCHW tensor (a view if already so)."""
+    t = t.detach().to(dtype)
+    p = t.permute(0, 2, 3, 1)
+    if p.is_contiguous():
+        return p.numpy()
+    out = torch.empty(tuple(p.shape), dtype=dtype)
+    kern.to_nhwc(t.contiguous().numpy(), out.numpy())
+    return out.numpy()
+
+
+class _Bands:
+    """Per-band scatter buffers for dk / dv (see cpu.py): band t owns output rows
+    [t*R/nb, (t+1)*R/nb) and a buffer for the flattened low-res rows lo[t]..hi[t] it can touch."""
+
+    def __init__(self, kern, off, num_points, groups, scale_factor, H):
+        import numba
+
+        B, _, Hq, _ = off.shape
+        self.nb = max(1, min(numba.get_num_threads(), B * Hq))
+        self.lo = np.empty(self.nb, np.int64)
+        self.hi = np.empty(self.nb, np.int64)
+        kern.band_rows(off, num_points, groups, scale_factor, H, self.nb, self.lo, self.hi)
+        size = np.maximum(self.hi - self.lo + 1, 0)
+        self.base = np.zeros(self.nb, np.int64)
+        self.base[1:] = np.cumsum(size)[:-1]
+        self.rows = int(size.sum())
+
+    def buffer(self, W, C, dtype) -> Tensor:
+        return torch.zeros((self.rows, W, C), dtype=dtype)
+
+    def reduce(self, kern, buf: Tensor, shape, dtype) -> Tensor:
+        out = _new(shape, dtype)
+        kern.band_reduce(buf.numpy(), self.lo, self.hi, self.base, out.numpy())
+        return out
+
+
+# --- deform_similarity
+
+
+@torch.library.custom_op("sapa::deform_similarity_fwd_cpu", mutates_args=(), device_types="cpu")
+def deform_similarity_fwd_cpu(q: Tensor, k: Tensor, offset: Tensor, num_points: int, groups: int,
+                              scale_factor: int) -> Tensor:
+    kern, ct = cpu_kernels("deform"), compute_dtype(q.dtype)
+    B, _, Hq, Wq = q.shape
+    out = _new((B, groups, num_points, Hq, Wq), ct)
+    kern.similarity_fwd(as_numpy(q, ct), _nhwc(kern, k, ct), as_numpy(offset, ct), num_points, groups,
+                        scale_factor, out.numpy())
+    return out.to(q.dtype)
+
+
+@deform_similarity_fwd_cpu.register_fake
+def _(q, k, offset, num_points, groups, scale_factor):
+    B, _, Hq, Wq = q.shape
+    return q.new_empty((B, groups, num_points, Hq, Wq))
+
+
+@torch.library.custom_op("sapa::deform_similarity_bwd_cpu", mutates_args=(), device_types="cpu")
+def deform_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, offset: Tensor, num_points: int,
+                              groups: int, scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    kern, ct = cpu_kernels("deform"), compute_dtype(q.dtype)
+    B, Cq, H, W = k.shape
+    off = as_numpy(offset, ct)
+    bands = _Bands(kern, off, num_points, groups, scale_factor, H)
+    gq, goff, gk_buf = _new(q.shape, ct), _new(offset.shape, ct), bands.buffer(W, Cq, ct)
+    kern.similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), _nhwc(kern, k, ct), off, num_points,
+                        groups, scale_factor, bands.lo, bands.base, gq.numpy(), goff.numpy(),
+                        gk_buf.numpy())
+    gk = bands.reduce(kern, gk_buf, k.shape, ct)
+    return gq.to(q.dtype), gk.to(k.dtype), goff.to(offset.dtype)
+
+
+@deform_similarity_bwd_cpu.register_fake
+def _(grad, q, k, offset, num_points, groups, scale_factor):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(offset, memory_format=cf))
+
+
+def _similarity_setup(ctx, inputs, output):
+    q, k, offset, ctx.P, ctx.G, ctx.s = inputs
+    ctx.save_for_backward(q, k, offset)
+
+
+def _similarity_backward(ctx, grad):
+    q, k, offset = ctx.saved_tensors
+    gq, gk, goff = torch.ops.sapa.deform_similarity_bwd_cpu(grad, q, k, offset, ctx.P, ctx.G, ctx.s)
+    return gq, gk, goff, None, None, None
+
+
+torch.library.register_autograd("sapa::deform_similarity_fwd_cpu", _similarity_backward,
+                                setup_context=_similarity_setup)
+
+
+# --- deform_reassemble
+
+
+@torch.library.custom_op("sapa::deform_reassemble_fwd_cpu", mutates_args=(), device_types="cpu")
+def deform_reassemble_fwd_cpu(weights: Tensor, v: Tensor, offset: Tensor, num_points: int, groups: int,
+                              scale_factor: int) -> Tensor:
+    kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
+    B, C = v.shape[:2]
+    out = _new((B, C) + tuple(offset.shape[-2:]), ct)
+    kern.reassemble_fwd(as_numpy(weights, ct), _nhwc(kern, v, ct), as_numpy(offset, ct), num_points,
+                        groups, scale_factor, out.numpy())
+    return out.to(v.dtype)
+
+
+@deform_reassemble_fwd_cpu.register_fake
+def _(weights, v, offset, num_points, groups, scale_factor):
+    return v.new_empty((v.shape[0], v.shape[1], offset.shape[2], offset.shape[3]))
+
+
+@torch.library.custom_op("sapa::deform_reassemble_bwd_cpu", mutates_args=(), device_types="cpu")
+def deform_reassemble_bwd_cpu(grad: Tensor, weights: Tensor, v: Tensor, offset: Tensor, num_points: int,
+                              groups: int, scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
+    B, C, H, W = v.shape
+    off = as_numpy(offset, ct)
+    bands = _Bands(kern, off, num_points, groups, scale_factor, H)
+    gw, goff, gv_buf = _new(weights.shape, ct), _new(offset.shape, ct), bands.buffer(W, C, ct)
+    kern.reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), _nhwc(kern, v, ct), off, num_points,
+                        groups, scale_factor, bands.lo, bands.base, gw.numpy(), goff.numpy(),
+                        gv_buf.numpy())
+    gv = bands.reduce(kern, gv_buf, v.shape, ct)
+    return gw.to(weights.dtype), gv.to(v.dtype), goff.to(offset.dtype)
+
+
+@deform_reassemble_bwd_cpu.register_fake
+def _(grad, weights, v, offset, num_points, groups, scale_factor):
+    cf = torch.contiguous_format
+    return (torch.empty_like(weights, memory_format=cf), torch.empty_like(v, memory_format=cf),
+            torch.empty_like(offset, memory_format=cf))
+
+
+def _reassemble_setup(ctx, inputs, output):
+    weights, v, offset, ctx.P, ctx.G, ctx.s = inputs
+    ctx.save_for_backward(weights, v, offset)
+
+
+def _reassemble_backward(ctx, grad):
+    weights, v, offset = ctx.saved_tensors
+    gw, gv, goff = torch.ops.sapa.deform_reassemble_bwd_cpu(grad, weights, v, offset, ctx.P, ctx.G,
+                                                            ctx.s)
+    return gw, gv, goff, None, None, None
+
+
+torch.library.register_autograd("sapa::deform_reassemble_fwd_cpu", _reassemble_backward,
+                                setup_context=_reassemble_setup)
+
+
+# --- sapa_deform (fused)
+
+
+@torch.library.custom_op("sapa::sapa_deform_fwd_cpu", mutates_args=(), device_types="cpu")
+def sapa_deform_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, offset: Tensor, num_points: int, groups: int,
+                        scale_factor: int) -> tuple[Tensor, Tensor]:
+    kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    out, lse = _new((B, C, Hq, Wq), ct), _new((B, groups, Hq, Wq), ct)
+    kern.sapa_fwd(as_numpy(q, ct), _nhwc(kern, k, ct), _nhwc(kern, v, ct), as_numpy(offset, ct),
+                  num_points, groups, scale_factor, out.numpy(), lse.numpy())
+    return out.to(v.dtype), lse
+
+
+@sapa_deform_fwd_cpu.register_fake
+def _(q, k, v, offset, num_points, groups, scale_factor):
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    return v.new_empty((B, C, Hq, Wq)), v.new_empty((B, groups, Hq, Wq), dtype=compute_dtype(v.dtype))
+
+
+@torch.library.custom_op("sapa::sapa_deform_bwd_cpu", mutates_args=(), device_types="cpu")
+def sapa_deform_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, offset: Tensor, lse: Tensor,
+                        num_points: int, groups: int,
+                        scale_factor: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
+    B, C, H, W = v.shape
+    Cq = k.shape[1]
+    off = as_numpy(offset, ct)
+    bands = _Bands(kern, off, num_points, groups, scale_factor, H)
+    gq, goff = _new(q.shape, ct), _new(offset.shape, ct)
+    gk_buf, gv_buf = bands.buffer(W, Cq, ct), bands.buffer(W, C, ct)
+    kern.sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), _nhwc(kern, k, ct), _nhwc(kern, v, ct), off,
+                  as_numpy(lse, ct), num_points, groups, scale_factor, bands.lo, bands.base, gq.numpy(),
+                  goff.numpy(), gk_buf.numpy(), gv_buf.numpy())
+    gk = bands.reduce(kern, gk_buf, k.shape, ct)
+    del gk_buf
+    gv = bands.reduce(kern, gv_buf, v.shape, ct)
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), goff.to(offset.dtype)
+
+
+@sapa_deform_bwd_cpu.register_fake
+def _(grad, q, k, v, offset, lse, num_points, groups, scale_factor):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf), torch.empty_like(offset, memory_format=cf))
+
+
+def _sapa_setup(ctx, inputs, output):
+    q, k, v, offset, ctx.P, ctx.G, ctx.s = inputs
+    lse = output[1]
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, offset, lse)
+
+
+def _sapa_backward(ctx, grad, _grad_lse):
+    q, k, v, offset, lse = ctx.saved_tensors
+    gq, gk, gv, goff = torch.ops.sapa.sapa_deform_bwd_cpu(grad, q, k, v, offset, lse, ctx.P, ctx.G,
+                                                           ctx.s)
+    return gq, gk, gv, goff, None, None, None
+
+
+torch.library.register_autograd("sapa::sapa_deform_fwd_cpu", _sapa_backward, setup_context=_sapa_setup)
+
+
+# --- implementations picked up by sapa.backends
+
+
+@register_impl("deform_similarity", "cpu")
+def deform_similarity_cpu(q, k, offset, num_points, groups, scale_factor):
+    return torch.ops.sapa.deform_similarity_fwd_cpu(q, k, offset, num_points, groups, scale_factor)
+
+
+@register_impl("deform_reassemble", "cpu")
+def deform_reassemble_cpu(weights, v, offset, num_points, groups, scale_factor):
+    return torch.ops.sapa.deform_reassemble_fwd_cpu(weights, v, offset, num_points, groups, scale_factor)
+
+
+@register_impl("sapa_deform", "cpu")
+def sapa_deform_cpu(q, k, v, offset, num_points, groups, scale_factor):
+    return torch.ops.sapa.sapa_deform_fwd_cpu(q, k, v, offset, num_points, groups, scale_factor)[0]
+
+
+# ============================================================================== triton backend
+# (added by the GPU work: sapa::<op>_fwd_triton / _bwd_triton and @register_impl(..., "triton"))

@@ -1,0 +1,231 @@
+"""torch.library custom ops of the window ops, one section per backend.
+
+Each backend adds, per op, a forward custom op ``sapa::<op>_fwd_<backend>`` with ``register_fake``
+(shape inference: meta tensors, torch.compile, torch.export) and ``register_autograd`` whose backward
+is itself a custom op ``sapa::<op>_bwd_<backend>``, so a traced graph contains both. The functions
+registered with :func:`sapa.backends.register_impl` are what ``sapa.functional`` calls; they receive
+validated, same-dtype tensors with the reference's positional arguments.
+
+Ops of the cpu backend (kernels in ``cpu.py``, imported lazily so that importing this module does
+not import numba):
+
+    sapa::window_similarity_fwd_cpu(q, k, K, s) -> logits
+    sapa::window_similarity_bwd_cpu(grad, q, k, K, s) -> (dq, dk)
+    sapa::reassemble_fwd_cpu(weights, v, K, s, groups) -> out
+    sapa::reassemble_bwd_cpu(grad, weights, v, K, s, groups) -> (dweights, dv)
+    sapa::sapa_fwd_cpu(q, k, v, K, s) -> (out, lse)        lse [B, H', W'] is non-differentiable
+    sapa::sapa_bwd_cpu(grad, q, k, v, lse, K, s) -> (dq, dk, dv)
+
+Outputs are contiguous NCHW in the input dtype; float16/bfloat16 are computed in float32 (lse stays
+float32). Second derivatives are not implemented (the backward ops have no autograd formula).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...backends import register_impl
+from .._common import compute_dtype
+
+# ================================================================================= cpu backend
+
+
+def cpu_kernels(module: str):
+    """Import ``sapa.ops.<module>.cpu`` (numba) on first use and size numba's pool to torch's."""
+    import importlib
+
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return importlib.import_module(f"sapa.ops.{module}.cpu")
+
+
+def as_numpy(t: Tensor, dtype: torch.dtype):
+    """C-contiguous numpy view of ``t`` in ``dtype`` (a copy only when the dtype or strides differ)."""
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def _new(shape, dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+# --- window_similarity
+
+
+@torch.library.custom_op("sapa::window_similarity_fwd_cpu", mutates_args=(), device_types="cpu")
+def window_similarity_fwd_cpu(q: Tensor, k: Tensor, kernel_size: int, scale_factor: int) -> Tensor:
+    K, s, ct = kernel_size, scale_factor, compute_dtype(q.dtype)
+    B, _, Hq, Wq = q.shape
+    out = _new((B, K * K, Hq, Wq), ct)
+    cpu_kernels("window").similarity_fwd(as_numpy(q, ct), as_numpy(k, ct), K, s, out.numpy())
+    return out.to(q.dtype)
+
+
+@window_similarity_fwd_cpu.register_fake
+def _(q, k, kernel_size, scale_factor):
+    B, _, Hq, Wq = q.shape
+    return q.new_empty((B, kernel_size * kernel_size, Hq, Wq))
+
+
+@torch.library.custom_op("sapa::window_similarity_bwd_cpu", mutates_args=(), device_types="cpu")
+def window_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, kernel_size: int,
+                              scale_factor: int) -> tuple[Tensor, Tensor]:
+    ct = compute_dtype(q.dtype)
+    gq, gk = _new(q.shape, ct), _new(k.shape, ct)
+    cpu_kernels("window").similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct),
+                                         kernel_size, scale_factor, gq.numpy(), gk.numpy())
+    return gq.to(q.dtype), gk.to(k.dtype)
+
+
+@window_similarity_bwd_cpu.register_fake
+def _(grad, q, k, kernel_size, scale_factor):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+def _similarity_setup(ctx, inputs, output):
+    q, k, ctx.K, ctx.s = inputs
+    ctx.save_for_backward(q, k)
+
+
+def _similarity_backward(ctx, grad):
+    q, k = ctx.saved_tensors
+    gq, gk = torch.ops.sapa.window_similarity_bwd_cpu(grad, q, k, ctx.K, ctx.s)
+    return gq, gk, None, None
+
+
+torch.library.register_autograd("sapa::window_similarity_fwd_cpu", _similarity_backward,
+                                setup_context=_similarity_setup)
+
+
+# --- reassemble
+
+
+@torch.library.custom_op("sapa::reassemble_fwd_cpu", mutates_args=(), device_types="cpu")
+def reassemble_fwd_cpu(weights: Tensor, v: Tensor, kernel_size: int, scale_factor: int,
+                       groups: int) -> Tensor:
+    ct = compute_dtype(v.dtype)
+    B, C = v.shape[:2]
+    out = _new((B, C) + tuple(weights.shape[-2:]), ct)
+    cpu_kernels("window").reassemble_fwd(as_numpy(weights, ct), as_numpy(v, ct), kernel_size,
+                                         scale_factor, groups, out.numpy())
+    return out.to(v.dtype)
+
+
+@reassemble_fwd_cpu.register_fake
+def _(weights, v, kernel_size, scale_factor, groups):
+    return v.new_empty((v.shape[0], v.shape[1], weights.shape[2], weights.shape[3]))
+
+
+@torch.library.custom_op("sapa::reassemble_bwd_cpu", mutates_args=(), device_types="cpu")
+def reassemble_bwd_cpu(grad: Tensor, weights: Tensor, v: Tensor, kernel_size: int, scale_factor: int,
+                       groups: int) -> tuple[Tensor, Tensor]:
+    ct = compute_dtype(v.dtype)
+    gw, gv = _new(weights.shape, ct), _new(v.shape, ct)
+    cpu_kernels("window").reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), as_numpy(v, ct),
+                                         kernel_size, scale_factor, groups, gw.numpy(), gv.numpy())
+    return gw.to(weights.dtype), gv.to(v.dtype)
+
+
+@reassemble_bwd_cpu.register_fake
+def _(grad, weights, v, kernel_size, scale_factor, groups):
+    return torch.empty_like(weights, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _reassemble_setup(ctx, inputs, output):
+    weights, v, ctx.K, ctx.s, ctx.G = inputs
+    ctx.save_for_backward(weights, v)
+
+
+def _reassemble_backward(ctx, grad):
+    weights, v = ctx.saved_tensors
+    gw, gv = torch.ops.sapa.reassemble_bwd_cpu(grad, weights, v, ctx.K, ctx.s, ctx.G)
+    return gw, gv, None, None, None
+
+
+torch.library.register_autograd("sapa::reassemble_fwd_cpu", _reassemble_backward,
+                                setup_context=_reassemble_setup)
+
+
+# --- sapa (fused)
+
+
+@torch.library.custom_op("sapa::sapa_fwd_cpu", mutates_args=(), device_types="cpu")
+def sapa_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
+                 scale_factor: int) -> tuple[Tensor, Tensor]:
+    ct = compute_dtype(v.dtype)
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    out, lse = _new((B, C, Hq, Wq), ct), _new((B, Hq, Wq), ct)
+    cpu_kernels("window").sapa_fwd(as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct), kernel_size,
+                                   scale_factor, out.numpy(), lse.numpy())
+    return out.to(v.dtype), lse
+
+
+@sapa_fwd_cpu.register_fake
+def _(q, k, v, kernel_size, scale_factor):
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    return v.new_empty((B, C, Hq, Wq)), v.new_empty((B, Hq, Wq), dtype=compute_dtype(v.dtype))
+
+
+@torch.library.custom_op("sapa::sapa_bwd_cpu", mutates_args=(), device_types="cpu")
+def sapa_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, kernel_size: int,
+                 scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    ct = compute_dtype(v.dtype)
+    K = kernel_size
+    B, Hq, Wq = lse.shape
+    gq, gk, gv = _new(q.shape, ct), _new(k.shape, ct), _new(v.shape, ct)
+    # workspaces: the softmax p and dlogits, K*K floats per output pixel (the backward's only
+    # temporaries; 10x smaller than the output at C=256, K=5)
+    p_ws, dl_ws = _new((B, K * K, Hq, Wq), ct), _new((B, K * K, Hq, Wq), ct)
+    cpu_kernels("window").sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct),
+                                   as_numpy(v, ct), as_numpy(lse, ct), K, scale_factor, gq.numpy(),
+                                   gk.numpy(), gv.numpy(), p_ws.numpy(), dl_ws.numpy())
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
+@sapa_bwd_cpu.register_fake
+def _(grad, q, k, v, lse, kernel_size, scale_factor):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf))
+
+
+def _sapa_setup(ctx, inputs, output):
+    q, k, v, ctx.K, ctx.s = inputs
+    lse = output[1]
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, lse)
+
+
+def _sapa_backward(ctx, grad, _grad_lse):
+    q, k, v, lse = ctx.saved_tensors
+    gq, gk, gv = torch.ops.sapa.sapa_bwd_cpu(grad, q, k, v, lse, ctx.K, ctx.s)
+    return gq, gk, gv, None, None
+
+
+torch.library.register_autograd("sapa::sapa_fwd_cpu", _sapa_backward, setup_context=_sapa_setup)
+
+
+# --- implementations picked up by sapa.backends
+
+
+@register_impl("window_similarity", "cpu")
+def window_similarity_cpu(q, k, kernel_size, scale_factor):
+    return torch.ops.sapa.window_similarity_fwd_cpu(q, k, kernel_size, scale_factor)
+
+
+@register_impl("reassemble", "cpu")
+def reassemble_cpu(weights, v, kernel_size, scale_factor, groups):
+    return torch.ops.sapa.reassemble_fwd_cpu(weights, v, kernel_size, scale_factor, groups)
+
+
+@register_impl("sapa", "cpu")
+def sapa_cpu(q, k, v, kernel_size, scale_factor):
+    return torch.ops.sapa.sapa_fwd_cpu(q, k, v, kernel_size, scale_factor)[0]
+
+
+# ============================================================================== triton backend
+# (added by the GPU work: sapa::<op>_fwd_triton / _bwd_triton and @register_impl(..., "triton"))
