@@ -49,6 +49,13 @@ def _new(shape, dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+def bands(rows: int) -> int:
+    """Number of row bands of the parallel kernels: one per numba thread (at least 1)."""
+    import numba
+
+    return max(1, min(numba.get_num_threads(), rows))
+
+
 # --- window_similarity
 
 
@@ -72,8 +79,9 @@ def window_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, kernel_size: i
                               scale_factor: int) -> tuple[Tensor, Tensor]:
     ct = compute_dtype(q.dtype)
     gq, gk = _new(q.shape, ct), _new(k.shape, ct)
-    cpu_kernels("window").similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct),
-                                         kernel_size, scale_factor, gq.numpy(), gk.numpy())
+    kern = cpu_kernels("window")
+    kern.similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct), kernel_size, scale_factor,
+                        bands(k.shape[0] * k.shape[2]), gq.numpy(), gk.numpy())
     return gq.to(q.dtype), gk.to(k.dtype)
 
 
@@ -107,8 +115,9 @@ def reassemble_fwd_cpu(weights: Tensor, v: Tensor, kernel_size: int, scale_facto
     ct = compute_dtype(v.dtype)
     B, C = v.shape[:2]
     out = _new((B, C) + tuple(weights.shape[-2:]), ct)
-    cpu_kernels("window").reassemble_fwd(as_numpy(weights, ct), as_numpy(v, ct), kernel_size,
-                                         scale_factor, groups, out.numpy())
+    kern = cpu_kernels("window")
+    kern.reassemble_fwd(as_numpy(weights, ct), as_numpy(v, ct), kernel_size, scale_factor, groups,
+                        bands(v.shape[0] * v.shape[2]), out.numpy())
     return out.to(v.dtype)
 
 
@@ -122,8 +131,9 @@ def reassemble_bwd_cpu(grad: Tensor, weights: Tensor, v: Tensor, kernel_size: in
                        groups: int) -> tuple[Tensor, Tensor]:
     ct = compute_dtype(v.dtype)
     gw, gv = _new(weights.shape, ct), _new(v.shape, ct)
-    cpu_kernels("window").reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), as_numpy(v, ct),
-                                         kernel_size, scale_factor, groups, gw.numpy(), gv.numpy())
+    kern = cpu_kernels("window")
+    kern.reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), as_numpy(v, ct), kernel_size,
+                        scale_factor, groups, bands(v.shape[0] * v.shape[2]), gw.numpy(), gv.numpy())
     return gw.to(weights.dtype), gv.to(v.dtype)
 
 
@@ -158,8 +168,9 @@ def sapa_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
     B, C = v.shape[:2]
     Hq, Wq = q.shape[-2:]
     out, lse = _new((B, C, Hq, Wq), ct), _new((B, Hq, Wq), ct)
-    cpu_kernels("window").sapa_fwd(as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct), kernel_size,
-                                   scale_factor, out.numpy(), lse.numpy())
+    kern = cpu_kernels("window")
+    kern.sapa_fwd(as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct), kernel_size, scale_factor,
+                  bands(B * v.shape[2]), out.numpy(), lse.numpy())
     return out.to(v.dtype), lse
 
 
@@ -174,15 +185,11 @@ def _(q, k, v, kernel_size, scale_factor):
 def sapa_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, kernel_size: int,
                  scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
     ct = compute_dtype(v.dtype)
-    K = kernel_size
-    B, Hq, Wq = lse.shape
     gq, gk, gv = _new(q.shape, ct), _new(k.shape, ct), _new(v.shape, ct)
-    # workspaces: the softmax p and dlogits, K*K floats per output pixel (the backward's only
-    # temporaries; 10x smaller than the output at C=256, K=5)
-    p_ws, dl_ws = _new((B, K * K, Hq, Wq), ct), _new((B, K * K, Hq, Wq), ct)
-    cpu_kernels("window").sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct),
-                                   as_numpy(v, ct), as_numpy(lse, ct), K, scale_factor, gq.numpy(),
-                                   gk.numpy(), gv.numpy(), p_ws.numpy(), dl_ws.numpy())
+    kern = cpu_kernels("window")
+    kern.sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct),
+                  as_numpy(lse, ct), kernel_size, scale_factor, bands(v.shape[0] * v.shape[2]),
+                  gq.numpy(), gk.numpy(), gv.numpy())
     return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
 
 
