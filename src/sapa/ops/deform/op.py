@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...backends import register_impl
 from .._common import compute_dtype
-from ..window.op import as_numpy, cpu_kernels
+from ..window.op import as_numpy, cpu_kernels, nbands, run_bands
 
 # ================================================================================= cpu backend
 
@@ -32,14 +32,15 @@ def _new(shape, dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def _nhwc(kern, t: Tensor, dtype: torch.dtype):
-    """Channels-last [B, H, W, C] numpy copy of a low-res NCHW tensor (a view if already so)."""
-    t = t.detach().to(dtype)
-    p = t.permute(0, 2, 3, 1)
-    if p.is_contiguous():
-        return p.numpy()
-    out = torch.empty(tuple(p.shape), dtype=dtype)
-    kern.to_nhwc(t.contiguous().numpy(), out.numpy())
+def _flat_cl(kern, t: Tensor, dtype: torch.dtype):
+    """Flat channels-last copy of a low-res NCHW tensor (channel stride C + kern._PAD) followed by a
+    zero tail of one channel stride, which outside bilinear corners read (see cpu.py)."""
+    t = t.detach().to(dtype).contiguous()
+    B, C, H, W = t.shape
+    Cl = C + kern._PAD
+    out = torch.empty(B * H * W * Cl + Cl, dtype=dtype)
+    out[B * H * W * Cl:] = 0
+    run_bands(kern.to_cl, B * H, t.numpy(), Cl, out.numpy())
     return out.numpy()
 
 
@@ -48,24 +49,26 @@ class _Bands:
     [t*R/nb, (t+1)*R/nb) and a buffer for the flattened low-res rows lo[t]..hi[t] it can touch."""
 
     def __init__(self, kern, off, num_points, groups, scale_factor, H):
-        import numba
-
         B, _, Hq, _ = off.shape
-        self.nb = max(1, min(numba.get_num_threads(), B * Hq))
-        self.lo = np.empty(self.nb, np.int64)
-        self.hi = np.empty(self.nb, np.int64)
-        kern.band_rows(off, num_points, groups, scale_factor, H, self.nb, self.lo, self.hi)
+        self.out_rows = B * Hq
+        nb = nbands(self.out_rows)
+        self.lo, self.hi = np.empty(nb, np.int64), np.empty(nb, np.int64)
+        run_bands(kern.band_rows, self.out_rows, off, num_points, groups, scale_factor, H, self.lo,
+                  self.hi)
         size = np.maximum(self.hi - self.lo + 1, 0)
-        self.base = np.zeros(self.nb, np.int64)
+        self.base = np.zeros(nb, np.int64)
         self.base[1:] = np.cumsum(size)[:-1]
         self.rows = int(size.sum())
 
-    def buffer(self, W, C, dtype) -> Tensor:
-        return torch.zeros((self.rows, W, C), dtype=dtype)
+    def buffer(self, kern, W, C, dtype) -> Tensor:
+        """Flat zeroed [rows, W, C + _PAD] buffer plus a scratch tail written by outside corners."""
+        Cl = C + kern._PAD
+        return torch.zeros(self.rows * W * Cl + Cl, dtype=dtype)
 
     def reduce(self, kern, buf: Tensor, shape, dtype) -> Tensor:
         out = _new(shape, dtype)
-        kern.band_reduce(buf.numpy(), self.lo, self.hi, self.base, out.numpy())
+        run_bands(kern.band_reduce, shape[0] * shape[2], buf.numpy(), self.lo, self.hi, self.base,
+                  out.numpy())
         return out
 
 
@@ -77,9 +80,10 @@ def deform_similarity_fwd_cpu(q: Tensor, k: Tensor, offset: Tensor, num_points: 
                               scale_factor: int) -> Tensor:
     kern, ct = cpu_kernels("deform"), compute_dtype(q.dtype)
     B, _, Hq, Wq = q.shape
+    H, W = k.shape[-2:]
     out = _new((B, groups, num_points, Hq, Wq), ct)
-    kern.similarity_fwd(as_numpy(q, ct), _nhwc(kern, k, ct), as_numpy(offset, ct), num_points, groups,
-                        scale_factor, out.numpy())
+    run_bands(kern.similarity_fwd, B * Hq, as_numpy(q, ct), _flat_cl(kern, k, ct), H, W,
+              as_numpy(offset, ct), num_points, groups, scale_factor, out.numpy())
     return out.to(q.dtype)
 
 
@@ -96,10 +100,10 @@ def deform_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, offset: Tensor
     B, Cq, H, W = k.shape
     off = as_numpy(offset, ct)
     bands = _Bands(kern, off, num_points, groups, scale_factor, H)
-    gq, goff, gk_buf = _new(q.shape, ct), _new(offset.shape, ct), bands.buffer(W, Cq, ct)
-    kern.similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), _nhwc(kern, k, ct), off, num_points,
-                        groups, scale_factor, bands.lo, bands.base, gq.numpy(), goff.numpy(),
-                        gk_buf.numpy())
+    gq, goff, gk_buf = _new(q.shape, ct), _new(offset.shape, ct), bands.buffer(kern, W, Cq, ct)
+    run_bands(kern.similarity_bwd, bands.out_rows, as_numpy(grad, ct), as_numpy(q, ct),
+              _flat_cl(kern, k, ct), H, W, off, num_points, groups, scale_factor, bands.lo, bands.base,
+              gq.numpy(), goff.numpy(), gk_buf.numpy())
     gk = bands.reduce(kern, gk_buf, k.shape, ct)
     return gq.to(q.dtype), gk.to(k.dtype), goff.to(offset.dtype)
 
@@ -133,10 +137,11 @@ torch.library.register_autograd("sapa::deform_similarity_fwd_cpu", _similarity_b
 def deform_reassemble_fwd_cpu(weights: Tensor, v: Tensor, offset: Tensor, num_points: int, groups: int,
                               scale_factor: int) -> Tensor:
     kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
-    B, C = v.shape[:2]
-    out = _new((B, C) + tuple(offset.shape[-2:]), ct)
-    kern.reassemble_fwd(as_numpy(weights, ct), _nhwc(kern, v, ct), as_numpy(offset, ct), num_points,
-                        groups, scale_factor, out.numpy())
+    B, C, H, W = v.shape
+    Hq, Wq = offset.shape[-2:]
+    out = _new((B, C, Hq, Wq), ct)
+    run_bands(kern.reassemble_fwd, B * Hq, as_numpy(weights, ct), _flat_cl(kern, v, ct), H, W,
+              as_numpy(offset, ct), num_points, groups, scale_factor, out.numpy())
     return out.to(v.dtype)
 
 
@@ -152,10 +157,10 @@ def deform_reassemble_bwd_cpu(grad: Tensor, weights: Tensor, v: Tensor, offset: 
     B, C, H, W = v.shape
     off = as_numpy(offset, ct)
     bands = _Bands(kern, off, num_points, groups, scale_factor, H)
-    gw, goff, gv_buf = _new(weights.shape, ct), _new(offset.shape, ct), bands.buffer(W, C, ct)
-    kern.reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), _nhwc(kern, v, ct), off, num_points,
-                        groups, scale_factor, bands.lo, bands.base, gw.numpy(), goff.numpy(),
-                        gv_buf.numpy())
+    gw, goff, gv_buf = _new(weights.shape, ct), _new(offset.shape, ct), bands.buffer(kern, W, C, ct)
+    run_bands(kern.reassemble_bwd, bands.out_rows, as_numpy(grad, ct), as_numpy(weights, ct),
+              _flat_cl(kern, v, ct), H, W, off, num_points, groups, scale_factor, bands.lo, bands.base,
+              gw.numpy(), goff.numpy(), gv_buf.numpy())
     gv = bands.reduce(kern, gv_buf, v.shape, ct)
     return gw.to(weights.dtype), gv.to(v.dtype), goff.to(offset.dtype)
 
@@ -190,11 +195,11 @@ torch.library.register_autograd("sapa::deform_reassemble_fwd_cpu", _reassemble_b
 def sapa_deform_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, offset: Tensor, num_points: int, groups: int,
                         scale_factor: int) -> tuple[Tensor, Tensor]:
     kern, ct = cpu_kernels("deform"), compute_dtype(v.dtype)
-    B, C = v.shape[:2]
+    B, C, H, W = v.shape
     Hq, Wq = q.shape[-2:]
     out, lse = _new((B, C, Hq, Wq), ct), _new((B, groups, Hq, Wq), ct)
-    kern.sapa_fwd(as_numpy(q, ct), _nhwc(kern, k, ct), _nhwc(kern, v, ct), as_numpy(offset, ct),
-                  num_points, groups, scale_factor, out.numpy(), lse.numpy())
+    run_bands(kern.sapa_fwd, B * Hq, as_numpy(q, ct), _flat_cl(kern, k, ct), _flat_cl(kern, v, ct), H, W,
+              as_numpy(offset, ct), num_points, groups, scale_factor, out.numpy(), lse.numpy())
     return out.to(v.dtype), lse
 
 
@@ -215,10 +220,10 @@ def sapa_deform_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, offset: T
     off = as_numpy(offset, ct)
     bands = _Bands(kern, off, num_points, groups, scale_factor, H)
     gq, goff = _new(q.shape, ct), _new(offset.shape, ct)
-    gk_buf, gv_buf = bands.buffer(W, Cq, ct), bands.buffer(W, C, ct)
-    kern.sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), _nhwc(kern, k, ct), _nhwc(kern, v, ct), off,
-                  as_numpy(lse, ct), num_points, groups, scale_factor, bands.lo, bands.base, gq.numpy(),
-                  goff.numpy(), gk_buf.numpy(), gv_buf.numpy())
+    gk_buf, gv_buf = bands.buffer(kern, W, Cq, ct), bands.buffer(kern, W, C, ct)
+    run_bands(kern.sapa_bwd, bands.out_rows, as_numpy(grad, ct), as_numpy(q, ct), _flat_cl(kern, k, ct),
+              _flat_cl(kern, v, ct), H, W, off, as_numpy(lse, ct), num_points, groups, scale_factor,
+              bands.lo, bands.base, gq.numpy(), goff.numpy(), gk_buf.numpy(), gv_buf.numpy())
     gk = bands.reduce(kern, gk_buf, k.shape, ct)
     del gk_buf
     gv = bands.reduce(kern, gv_buf, v.shape, ct)

@@ -41,12 +41,12 @@ machine code in __pycache__ (or NUMBA_CACHE_DIR) across processes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # fastmath without 'nnan'/'ninf': reassociation (vectorised dot products and sums) is what buys
 # speed; keeping inf/NaN semantics lets NaN inputs propagate as they do in the reference.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_JIT = dict(parallel=True, fastmath=_FAST, cache=True)
+_JIT = dict(nogil=True, fastmath=_FAST, cache=True)
 # helpers are compiled once and inlined by LLVM; numba-IR inlining (inline="always") made the cold
 # compile of the test suite's kernels 35% slower for no measurable run-time gain
 _HELPER = dict(fastmath=_FAST, cache=True)
@@ -525,11 +525,12 @@ def _finish(ring, ring_row, row, lo, hi, out, b, K):
 
 # ------------------------------------------------------------------------------- similarity
 @njit(**_JIT)
-def similarity_fwd(q, k, K, s, out):
+def similarity_fwd(t, nb, q, k, K, s, out):
     B, d, Hq, Wq = q.shape
     H, W = k.shape[2], k.shape[3]
     KK = K * K
-    for by in prange(B * H):
+    r0, r1 = _band(t, nb, B, H)
+    for by in range(r0, r1):
         b, y = by // H, by % H
         i0 = y * s
         ns = min(s, Hq - i0)
@@ -541,124 +542,121 @@ def similarity_fwd(q, k, K, s, out):
 
 
 @njit(**_JIT)
-def similarity_bwd(gl, q, k, K, s, nb, gq, gk):
+def similarity_bwd(t, nb, gl, q, k, K, s, gq, gk):
     """gl: grad of the logits [B, K*K, H', W'] -> gq (row form), gk (scattered per band)."""
     B, d, Hq, Wq = q.shape
     H, W = k.shape[2], k.shape[3]
     KK, r = K * K, K // 2
-    for t in prange(nb):
-        up = np.zeros(s * (W + K - 1), q.dtype)
-        acc = np.empty((s, Wq), q.dtype)
-        cf = np.empty((KK, s, Wq), q.dtype)
-        qb = np.empty((s, Wq, d + _PAD), q.dtype)
-        dk = np.zeros((K, W + 2 * r, d + _PAD), q.dtype)
-        dk_row = np.full(K, -1, np.int64)
-        sl = np.empty(K, np.int64)
-        pt = np.empty(s * s, np.int64)
-        pj = np.empty(s * s, np.int64)
-        rr, r1 = _band(t, nb, B, H)
-        while rr < r1:
-            b, lo, hi = _segment(rr, r1, H)
-            rr += hi - lo
-            dk[:, :, :] = 0
-            ce = min(H, hi + r)
-            for y in range(max(0, lo - r), ce):
-                i0 = y * s
-                ns = min(s, Hq - i0)
-                _rows_in(gl, b, 0, KK, i0, ns, cf)
-                if y >= lo and y < hi:
-                    for c in range(d):
-                        _window_sum(cf, k, b, y, ns, K, s, c, up, acc)
-                        for ti in range(ns):
-                            gq[b, c, i0 + ti, :] = acc[ti, :]
-                _hi_to_cl(q, b, i0, ns, qb)
-                _slots(y, K, H, sl)
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    _cl_scatter(cf, qb, dk, sl, x, pt, pj, npix, K, 0, d)
-                _finish(dk, dk_row, y - r, lo, hi, gk, b, K)
-            for y in range(max(lo, ce - r), hi):
-                _finish(dk, dk_row, y, lo, hi, gk, b, K)
+    up = np.zeros(s * (W + K - 1), q.dtype)
+    acc = np.empty((s, Wq), q.dtype)
+    cf = np.empty((KK, s, Wq), q.dtype)
+    qb = np.empty((s, Wq, d + _PAD), q.dtype)
+    dk = np.zeros((K, W + 2 * r, d + _PAD), q.dtype)
+    dk_row = np.full(K, -1, np.int64)
+    sl = np.empty(K, np.int64)
+    pt = np.empty(s * s, np.int64)
+    pj = np.empty(s * s, np.int64)
+    rr, r1 = _band(t, nb, B, H)
+    while rr < r1:
+        b, lo, hi = _segment(rr, r1, H)
+        rr += hi - lo
+        dk[:, :, :] = 0
+        ce = min(H, hi + r)
+        for y in range(max(0, lo - r), ce):
+            i0 = y * s
+            ns = min(s, Hq - i0)
+            _rows_in(gl, b, 0, KK, i0, ns, cf)
+            if y >= lo and y < hi:
+                for c in range(d):
+                    _window_sum(cf, k, b, y, ns, K, s, c, up, acc)
+                    for ti in range(ns):
+                        gq[b, c, i0 + ti, :] = acc[ti, :]
+            _hi_to_cl(q, b, i0, ns, qb)
+            _slots(y, K, H, sl)
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
+                _cl_scatter(cf, qb, dk, sl, x, pt, pj, npix, K, 0, d)
+            _finish(dk, dk_row, y - r, lo, hi, gk, b, K)
+        for y in range(max(lo, ce - r), hi):
+            _finish(dk, dk_row, y, lo, hi, gk, b, K)
 
 
 # ------------------------------------------------------------------------------- reassembly
 @njit(**_JIT)
-def reassemble_fwd(wk, v, K, s, G, nb, out):
+def reassemble_fwd(t, nb, wk, v, K, s, G, out):
     B, C, H, W = v.shape
     Hq, Wq = wk.shape[2], wk.shape[3]
     KK, r, Cg = K * K, K // 2, C // G
-    for t in prange(nb):
-        cf = np.empty((G, KK, s, Wq), v.dtype)
-        ob = np.empty((s, Wq, C + _PAD), v.dtype)
-        ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        ring_row = np.full(K, -1, np.int64)
-        sl = np.empty(K, np.int64)
-        pt = np.empty(s * s, np.int64)
-        pj = np.empty(s * s, np.int64)
-        rr, r1 = _band(t, nb, B, H)
-        while rr < r1:
-            b, lo, hi = _segment(rr, r1, H)
-            rr += hi - lo
-            for row in range(lo - r, lo + r):
-                _ring_load(v, b, row, K, ring, ring_row)
-            for y in range(lo, hi):
-                _ring_load(v, b, y + r, K, ring, ring_row)
-                _slots(y, K, H, sl)
-                i0 = y * s
-                ns = min(s, Hq - i0)
+    cf = np.empty((G, KK, s, Wq), v.dtype)
+    ob = np.empty((s, Wq, C + _PAD), v.dtype)
+    ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    ring_row = np.full(K, -1, np.int64)
+    sl = np.empty(K, np.int64)
+    pt = np.empty(s * s, np.int64)
+    pj = np.empty(s * s, np.int64)
+    rr, r1 = _band(t, nb, B, H)
+    while rr < r1:
+        b, lo, hi = _segment(rr, r1, H)
+        rr += hi - lo
+        for row in range(lo - r, lo + r):
+            _ring_load(v, b, row, K, ring, ring_row)
+        for y in range(lo, hi):
+            _ring_load(v, b, y + r, K, ring, ring_row)
+            _slots(y, K, H, sl)
+            i0 = y * s
+            ns = min(s, Hq - i0)
+            for g in range(G):
+                _rows_in(wk, b, g * KK, g * KK + KK, i0, ns, cf[g])
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
                 for g in range(G):
-                    _rows_in(wk, b, g * KK, g * KK + KK, i0, ns, cf[g])
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    for g in range(G):
-                        _cl_reassemble(cf[g], ring, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg, ob)
-                _cl_to_hi(ob, out, b, i0, ns)
+                    _cl_reassemble(cf[g], ring, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg, ob)
+            _cl_to_hi(ob, out, b, i0, ns)
 
 
 @njit(**_JIT)
-def reassemble_bwd(go, wk, v, K, s, G, nb, gw, gv):
+def reassemble_bwd(t, nb, go, wk, v, K, s, G, gw, gv):
     """go: grad of the output [B, C, H', W'] -> gw (per cell row, in band), gv (scattered)."""
     B, C, H, W = v.shape
     Hq, Wq = wk.shape[2], wk.shape[3]
     KK, r, Cg = K * K, K // 2, C // G
-    for t in prange(nb):
-        cf = np.empty((G, KK, s, Wq), v.dtype)
-        res = np.empty((G * KK, s, Wq), v.dtype)
-        gb = np.empty((s, Wq, C + _PAD), v.dtype)
-        ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        ring_row = np.full(K, -1, np.int64)
-        acc = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        sl = np.empty(K, np.int64)
-        pt = np.empty(s * s, np.int64)
-        pj = np.empty(s * s, np.int64)
-        rr, r1 = _band(t, nb, B, H)
-        while rr < r1:
-            b, lo, hi = _segment(rr, r1, H)
-            rr += hi - lo
-            acc[:, :, :] = 0
-            cs, ce = max(0, lo - r), min(H, hi + r)
-            for row in range(cs - r, cs + r):
-                _ring_load(v, b, row, K, ring, ring_row)
-            for y in range(cs, ce):
-                _ring_load(v, b, y + r, K, ring, ring_row)
-                _slots(y, K, H, sl)
-                i0 = y * s
-                ns = min(s, Hq - i0)
-                own = y >= lo and y < hi
+    cf = np.empty((G, KK, s, Wq), v.dtype)
+    res = np.empty((G * KK, s, Wq), v.dtype)
+    gb = np.empty((s, Wq, C + _PAD), v.dtype)
+    ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    ring_row = np.full(K, -1, np.int64)
+    acc = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    sl = np.empty(K, np.int64)
+    pt = np.empty(s * s, np.int64)
+    pj = np.empty(s * s, np.int64)
+    rr, r1 = _band(t, nb, B, H)
+    while rr < r1:
+        b, lo, hi = _segment(rr, r1, H)
+        rr += hi - lo
+        acc[:, :, :] = 0
+        cs, ce = max(0, lo - r), min(H, hi + r)
+        for row in range(cs - r, cs + r):
+            _ring_load(v, b, row, K, ring, ring_row)
+        for y in range(cs, ce):
+            _ring_load(v, b, y + r, K, ring, ring_row)
+            _slots(y, K, H, sl)
+            i0 = y * s
+            ns = min(s, Hq - i0)
+            own = y >= lo and y < hi
+            for g in range(G):
+                _rows_in(wk, b, g * KK, g * KK + KK, i0, ns, cf[g])
+            _hi_to_cl(go, b, i0, ns, gb)
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
                 for g in range(G):
-                    _rows_in(wk, b, g * KK, g * KK + KK, i0, ns, cf[g])
-                _hi_to_cl(go, b, i0, ns, gb)
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    for g in range(G):
-                        if own:
-                            _cl_dots(gb, ring, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg, res, g * KK)
-                        _cl_scatter(cf[g], gb, acc, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg)
-                if own:
-                    _rows_out(res, gw, b, 0, G * KK, i0, ns)
-                _finish(acc, ring_row, y - r, lo, hi, gv, b, K)
-            for y in range(max(lo, ce - r), hi):
-                _finish(acc, ring_row, y, lo, hi, gv, b, K)
+                    if own:
+                        _cl_dots(gb, ring, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg, res, g * KK)
+                    _cl_scatter(cf[g], gb, acc, sl, x, pt, pj, npix, K, g * Cg, g * Cg + Cg)
+            if own:
+                _rows_out(res, gw, b, 0, G * KK, i0, ns)
+            _finish(acc, ring_row, y - r, lo, hi, gv, b, K)
+        for y in range(max(lo, ce - r), hi):
+            _finish(acc, ring_row, y, lo, hi, gv, b, K)
 
 
 # ------------------------------------------------------------------------------- fused SAPA
@@ -666,37 +664,36 @@ def reassemble_bwd(go, wk, v, K, s, G, nb, gw, gv):
 # W'=128), max-subtracted softmax, channels-last reassembly; only the log-sum-exp [B, H', W'] is
 # saved. Neither the attention map [B, K*K, H', W'] nor the unfolded values [B, C, K*K, H, W] exist.
 @njit(**_JIT)
-def sapa_fwd(q, k, v, K, s, nb, out, lse):
+def sapa_fwd(t, nb, q, k, v, K, s, out, lse):
     B, d, Hq, Wq = q.shape
     C, H, W = v.shape[1], v.shape[2], v.shape[3]
     KK, r = K * K, K // 2
-    for t in prange(nb):
-        up = np.zeros(s * (W + K - 1), v.dtype)
-        lg = np.empty((KK, s, Wq), v.dtype)
-        ob = np.empty((s, Wq, C + _PAD), v.dtype)
-        ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        ring_row = np.full(K, -1, np.int64)
-        sl = np.empty(K, np.int64)
-        pt = np.empty(s * s, np.int64)
-        pj = np.empty(s * s, np.int64)
-        rr, r1 = _band(t, nb, B, H)
-        while rr < r1:
-            b, lo, hi = _segment(rr, r1, H)
-            rr += hi - lo
-            for row in range(lo - r, lo + r):
-                _ring_load(v, b, row, K, ring, ring_row)
-            for y in range(lo, hi):
-                _ring_load(v, b, y + r, K, ring, ring_row)
-                _slots(y, K, H, sl)
-                i0 = y * s
-                ns = min(s, Hq - i0)
-                _zero3(lg, 0, KK, ns)
-                _window_dot(q, k, b, y, i0, ns, K, s, 0, d, up, lg, 0)
-                _softmax(lg, ns, KK, lse, b, i0, True)
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    _cl_reassemble(lg, ring, sl, x, pt, pj, npix, K, 0, C, ob)
-                _cl_to_hi(ob, out, b, i0, ns)
+    up = np.zeros(s * (W + K - 1), v.dtype)
+    lg = np.empty((KK, s, Wq), v.dtype)
+    ob = np.empty((s, Wq, C + _PAD), v.dtype)
+    ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    ring_row = np.full(K, -1, np.int64)
+    sl = np.empty(K, np.int64)
+    pt = np.empty(s * s, np.int64)
+    pj = np.empty(s * s, np.int64)
+    rr, r1 = _band(t, nb, B, H)
+    while rr < r1:
+        b, lo, hi = _segment(rr, r1, H)
+        rr += hi - lo
+        for row in range(lo - r, lo + r):
+            _ring_load(v, b, row, K, ring, ring_row)
+        for y in range(lo, hi):
+            _ring_load(v, b, y + r, K, ring, ring_row)
+            _slots(y, K, H, sl)
+            i0 = y * s
+            ns = min(s, Hq - i0)
+            _zero3(lg, 0, KK, ns)
+            _window_dot(q, k, b, y, i0, ns, K, s, 0, d, up, lg, 0)
+            _softmax(lg, ns, KK, lse, b, i0, True)
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
+                _cl_reassemble(lg, ring, sl, x, pt, pj, npix, K, 0, C, ob)
+            _cl_to_hi(ob, out, b, i0, ns)
 
 
 # Backward, one pass per band: for each cell row (band plus r halo rows each side) recompute the
@@ -704,69 +701,68 @@ def sapa_fwd(q, k, v, K, s, nb, out, lse):
 # p_m dp_m); dq in row form for the band's own rows; dv += p go and dk += dlogit q scattered into
 # the ring of K accumulator rows, each written out once complete.
 @njit(**_JIT)
-def sapa_bwd(go, q, k, v, lse, K, s, nb, gq, gk, gv):
+def sapa_bwd(t, nb, go, q, k, v, lse, K, s, gq, gk, gv):
     B, d, Hq, Wq = q.shape
     C, H, W = v.shape[1], v.shape[2], v.shape[3]
     KK, r = K * K, K // 2
-    for t in prange(nb):
-        up = np.zeros(s * (W + K - 1), v.dtype)
-        acc = np.empty((s, Wq), v.dtype)
-        pr = np.empty((KK, s, Wq), v.dtype)
-        dl = np.empty((KK, s, Wq), v.dtype)
-        gb = np.empty((s, Wq, C + _PAD), v.dtype)
-        qb = np.empty((s, Wq, d + _PAD), v.dtype)
-        ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        ring_row = np.full(K, -1, np.int64)
-        dv = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
-        dk = np.zeros((K, W + 2 * r, d + _PAD), v.dtype)
-        sl = np.empty(K, np.int64)
-        pt = np.empty(s * s, np.int64)
-        pj = np.empty(s * s, np.int64)
-        delta = np.empty(Wq, v.dtype)
-        rr, r1 = _band(t, nb, B, H)
-        while rr < r1:
-            b, lo, hi = _segment(rr, r1, H)
-            rr += hi - lo
-            dv[:, :, :] = 0
-            dk[:, :, :] = 0
-            cs, ce = max(0, lo - r), min(H, hi + r)
-            for row in range(cs - r, cs + r):
-                _ring_load(v, b, row, K, ring, ring_row)
-            for y in range(cs, ce):
-                _ring_load(v, b, y + r, K, ring, ring_row)
-                _slots(y, K, H, sl)
-                i0 = y * s
-                ns = min(s, Hq - i0)
-                _zero3(pr, 0, KK, ns)
-                _window_dot(q, k, b, y, i0, ns, K, s, 0, d, up, pr, 0)
-                _probs(pr, ns, KK, lse, b, i0)
-                _hi_to_cl(go, b, i0, ns, gb)
-                _hi_to_cl(q, b, i0, ns, qb)
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    _cl_dots(gb, ring, sl, x, pt, pj, npix, K, 0, C, dl, 0)
-                for ti in range(ns):
+    up = np.zeros(s * (W + K - 1), v.dtype)
+    acc = np.empty((s, Wq), v.dtype)
+    pr = np.empty((KK, s, Wq), v.dtype)
+    dl = np.empty((KK, s, Wq), v.dtype)
+    gb = np.empty((s, Wq, C + _PAD), v.dtype)
+    qb = np.empty((s, Wq, d + _PAD), v.dtype)
+    ring = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    ring_row = np.full(K, -1, np.int64)
+    dv = np.zeros((K, W + 2 * r, C + _PAD), v.dtype)
+    dk = np.zeros((K, W + 2 * r, d + _PAD), v.dtype)
+    sl = np.empty(K, np.int64)
+    pt = np.empty(s * s, np.int64)
+    pj = np.empty(s * s, np.int64)
+    delta = np.empty(Wq, v.dtype)
+    rr, r1 = _band(t, nb, B, H)
+    while rr < r1:
+        b, lo, hi = _segment(rr, r1, H)
+        rr += hi - lo
+        dv[:, :, :] = 0
+        dk[:, :, :] = 0
+        cs, ce = max(0, lo - r), min(H, hi + r)
+        for row in range(cs - r, cs + r):
+            _ring_load(v, b, row, K, ring, ring_row)
+        for y in range(cs, ce):
+            _ring_load(v, b, y + r, K, ring, ring_row)
+            _slots(y, K, H, sl)
+            i0 = y * s
+            ns = min(s, Hq - i0)
+            _zero3(pr, 0, KK, ns)
+            _window_dot(q, k, b, y, i0, ns, K, s, 0, d, up, pr, 0)
+            _probs(pr, ns, KK, lse, b, i0)
+            _hi_to_cl(go, b, i0, ns, gb)
+            _hi_to_cl(q, b, i0, ns, qb)
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
+                _cl_dots(gb, ring, sl, x, pt, pj, npix, K, 0, C, dl, 0)
+            for ti in range(ns):
+                for j in range(Wq):
+                    delta[j] = 0
+                for n in range(KK):
+                    prow, drow = pr[n, ti], dl[n, ti]
                     for j in range(Wq):
-                        delta[j] = 0
-                    for n in range(KK):
-                        prow, drow = pr[n, ti], dl[n, ti]
-                        for j in range(Wq):
-                            delta[j] += prow[j] * drow[j]
-                    for n in range(KK):
-                        prow, drow = pr[n, ti], dl[n, ti]
-                        for j in range(Wq):
-                            drow[j] = prow[j] * (drow[j] - delta[j])
-                if y >= lo and y < hi:
-                    for c in range(d):
-                        _window_sum(dl, k, b, y, ns, K, s, c, up, acc)
-                        for ti in range(ns):
-                            gq[b, c, i0 + ti, :] = acc[ti, :]
-                for x in range(W):
-                    npix = _cell(x, s, ns, Wq, pt, pj)
-                    _cl_scatter(pr, gb, dv, sl, x, pt, pj, npix, K, 0, C)
-                    _cl_scatter(dl, qb, dk, sl, x, pt, pj, npix, K, 0, d)
-                _finish(dv, ring_row, y - r, lo, hi, gv, b, K)
-                _finish(dk, ring_row, y - r, lo, hi, gk, b, K)
-            for y in range(max(lo, ce - r), hi):
-                _finish(dv, ring_row, y, lo, hi, gv, b, K)
-                _finish(dk, ring_row, y, lo, hi, gk, b, K)
+                        delta[j] += prow[j] * drow[j]
+                for n in range(KK):
+                    prow, drow = pr[n, ti], dl[n, ti]
+                    for j in range(Wq):
+                        drow[j] = prow[j] * (drow[j] - delta[j])
+            if y >= lo and y < hi:
+                for c in range(d):
+                    _window_sum(dl, k, b, y, ns, K, s, c, up, acc)
+                    for ti in range(ns):
+                        gq[b, c, i0 + ti, :] = acc[ti, :]
+            for x in range(W):
+                npix = _cell(x, s, ns, Wq, pt, pj)
+                _cl_scatter(pr, gb, dv, sl, x, pt, pj, npix, K, 0, C)
+                _cl_scatter(dl, qb, dk, sl, x, pt, pj, npix, K, 0, d)
+            _finish(dv, ring_row, y - r, lo, hi, gv, b, K)
+            _finish(dk, ring_row, y - r, lo, hi, gk, b, K)
+        for y in range(max(lo, ce - r), hi):
+            _finish(dv, ring_row, y, lo, hi, gv, b, K)
+            _finish(dk, ring_row, y, lo, hi, gk, b, K)

@@ -21,6 +21,9 @@ float32). Second derivatives are not implemented (the backward ops have no autog
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
+
 import torch
 from torch import Tensor
 
@@ -31,13 +34,53 @@ from .._common import compute_dtype
 
 
 def cpu_kernels(module: str):
-    """Import ``sapa.ops.<module>.cpu`` (numba) on first use and size numba's pool to torch's."""
+    """Import ``sapa.ops.<module>.cpu`` (numba) on first use."""
     import importlib
 
-    import numba
-
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     return importlib.import_module(f"sapa.ops.{module}.cpu")
+
+
+# The kernels are serial ``@njit(nogil=True)`` functions of one band of rows, ``kernel(t, nb, ...)``,
+# run on ``nb`` Python threads (numba releases the GIL). Measured: compiling a kernel with
+# ``parallel=True`` (prange) took 2.8 s against 0.9 s serial, and the cold compile of all kernels
+# for float32 + float64 dropped from ~90 s to ~25 s; run time is the same. It also avoids numba's
+# OpenMP layer (not fork-safe with GNU OpenMP, and spin-waiting when the cores are oversubscribed).
+_POOL = None
+
+
+def _reset_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):  # a forked child (DataLoader worker) has no pool threads
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def num_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def nbands(rows: int) -> int:
+    """Bands (= threads) used for ``rows`` rows of work: min(torch.get_num_threads(), rows), >= 1."""
+    return max(1, min(num_threads(), rows))
+
+
+def run_bands(kernel, rows: int, *args) -> None:
+    """``kernel(t, nb, *args)`` for the bands t < nb = nbands(rows), in parallel."""
+    global _POOL
+    nb = nbands(rows)
+    if nb == 1:
+        kernel(0, 1, *args)
+        return
+    if _POOL is None or _POOL._max_workers < nb - 1:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=nb - 1, thread_name_prefix="sapa-cpu")
+    futures = [_POOL.submit(kernel, t, nb, *args) for t in range(1, nb)]
+    try:
+        kernel(0, nb, *args)
+    finally:
+        for f in futures:
+            f.result()
 
 
 def as_numpy(t: Tensor, dtype: torch.dtype):
@@ -49,13 +92,6 @@ def _new(shape, dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def bands(rows: int) -> int:
-    """Number of row bands of the parallel kernels: one per numba thread (at least 1)."""
-    import numba
-
-    return max(1, min(numba.get_num_threads(), rows))
-
-
 # --- window_similarity
 
 
@@ -64,7 +100,8 @@ def window_similarity_fwd_cpu(q: Tensor, k: Tensor, kernel_size: int, scale_fact
     K, s, ct = kernel_size, scale_factor, compute_dtype(q.dtype)
     B, _, Hq, Wq = q.shape
     out = _new((B, K * K, Hq, Wq), ct)
-    cpu_kernels("window").similarity_fwd(as_numpy(q, ct), as_numpy(k, ct), K, s, out.numpy())
+    run_bands(cpu_kernels("window").similarity_fwd, B * k.shape[2], as_numpy(q, ct), as_numpy(k, ct), K, s,
+              out.numpy())
     return out.to(q.dtype)
 
 
@@ -79,9 +116,8 @@ def window_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, kernel_size: i
                               scale_factor: int) -> tuple[Tensor, Tensor]:
     ct = compute_dtype(q.dtype)
     gq, gk = _new(q.shape, ct), _new(k.shape, ct)
-    kern = cpu_kernels("window")
-    kern.similarity_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct), kernel_size, scale_factor,
-                        bands(k.shape[0] * k.shape[2]), gq.numpy(), gk.numpy())
+    run_bands(cpu_kernels("window").similarity_bwd, k.shape[0] * k.shape[2], as_numpy(grad, ct),
+              as_numpy(q, ct), as_numpy(k, ct), kernel_size, scale_factor, gq.numpy(), gk.numpy())
     return gq.to(q.dtype), gk.to(k.dtype)
 
 
@@ -115,9 +151,8 @@ def reassemble_fwd_cpu(weights: Tensor, v: Tensor, kernel_size: int, scale_facto
     ct = compute_dtype(v.dtype)
     B, C = v.shape[:2]
     out = _new((B, C) + tuple(weights.shape[-2:]), ct)
-    kern = cpu_kernels("window")
-    kern.reassemble_fwd(as_numpy(weights, ct), as_numpy(v, ct), kernel_size, scale_factor, groups,
-                        bands(v.shape[0] * v.shape[2]), out.numpy())
+    run_bands(cpu_kernels("window").reassemble_fwd, B * v.shape[2], as_numpy(weights, ct),
+              as_numpy(v, ct), kernel_size, scale_factor, groups, out.numpy())
     return out.to(v.dtype)
 
 
@@ -131,9 +166,9 @@ def reassemble_bwd_cpu(grad: Tensor, weights: Tensor, v: Tensor, kernel_size: in
                        groups: int) -> tuple[Tensor, Tensor]:
     ct = compute_dtype(v.dtype)
     gw, gv = _new(weights.shape, ct), _new(v.shape, ct)
-    kern = cpu_kernels("window")
-    kern.reassemble_bwd(as_numpy(grad, ct), as_numpy(weights, ct), as_numpy(v, ct), kernel_size,
-                        scale_factor, groups, bands(v.shape[0] * v.shape[2]), gw.numpy(), gv.numpy())
+    run_bands(cpu_kernels("window").reassemble_bwd, v.shape[0] * v.shape[2], as_numpy(grad, ct),
+              as_numpy(weights, ct), as_numpy(v, ct), kernel_size, scale_factor, groups, gw.numpy(),
+              gv.numpy())
     return gw.to(weights.dtype), gv.to(v.dtype)
 
 
@@ -168,9 +203,8 @@ def sapa_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
     B, C = v.shape[:2]
     Hq, Wq = q.shape[-2:]
     out, lse = _new((B, C, Hq, Wq), ct), _new((B, Hq, Wq), ct)
-    kern = cpu_kernels("window")
-    kern.sapa_fwd(as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct), kernel_size, scale_factor,
-                  bands(B * v.shape[2]), out.numpy(), lse.numpy())
+    run_bands(cpu_kernels("window").sapa_fwd, B * v.shape[2], as_numpy(q, ct), as_numpy(k, ct),
+              as_numpy(v, ct), kernel_size, scale_factor, out.numpy(), lse.numpy())
     return out.to(v.dtype), lse
 
 
@@ -186,10 +220,9 @@ def sapa_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, ker
                  scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
     ct = compute_dtype(v.dtype)
     gq, gk, gv = _new(q.shape, ct), _new(k.shape, ct), _new(v.shape, ct)
-    kern = cpu_kernels("window")
-    kern.sapa_bwd(as_numpy(grad, ct), as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct),
-                  as_numpy(lse, ct), kernel_size, scale_factor, bands(v.shape[0] * v.shape[2]),
-                  gq.numpy(), gk.numpy(), gv.numpy())
+    run_bands(cpu_kernels("window").sapa_bwd, v.shape[0] * v.shape[2], as_numpy(grad, ct),
+              as_numpy(q, ct), as_numpy(k, ct), as_numpy(v, ct), as_numpy(lse, ct), kernel_size,
+              scale_factor, gq.numpy(), gk.numpy(), gv.numpy())
     return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
 
 
