@@ -27,7 +27,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Exception as err:  # PIL raises many types for broken files

@@ -92,3 +92,29 @@ def evaluate_detection(model, dataset, info: DistInfo | None = None, batch_size:
     evaluator.gather()
     result = evaluator.compute() if info.is_main else None
     return broadcast_object(result)
+
+
+def evaluate_checkpoint(path, overrides=(), info: DistInfo | None = None, dilation: float | int = 0.02,
+                        progress: bool = True) -> dict:
+    """Rebuild the model of a checkpoint from its config (plus ``overrides``), load its weights and
+    evaluate it on the validation split (sharded over ranks under torchrun)."""
+    from .builders import build_dataset, build_model, dataset_num_classes
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .config import Config, apply_overrides
+
+    ckpt = load_checkpoint(path)
+    cfg = apply_overrides(Config.from_dict(ckpt["config"]), list(overrides))
+    info = info or DistInfo()
+    nc = dataset_num_classes(cfg)
+    model = build_model(cfg, nc)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model of its config: {err}") from err
+    model.to(info.device)
+    ds = build_dataset(cfg, "val")
+    d, t = cfg.data, cfg.train
+    if cfg.task == "segmentation":
+        return evaluate_segmentation(model, ds, info, d.eval_batch_size, d.num_workers, t.amp, dilation,
+                                     progress, num_classes=nc)
+    return evaluate_detection(model, ds, info, d.eval_batch_size, d.num_workers, t.amp, progress)

@@ -22,7 +22,7 @@ Boundary IoU (Cheng, Girshick, Dollár, Berg, Kirillov, CVPR 2021), per class, o
     ignored area has a band along it in both masks.
     The width d: ``dilation`` given as a float < 1 is a ratio of the image diagonal,
     ``d = max(1, round(ratio * sqrt(H^2 + W^2)))`` (default 0.02, the paper's setting: d = 2 at
-    64x64, d = 11 at 512x512); an int >= 1 is a width in pixels for every image.
+    64x64, d = 14 at 512x512); an int >= 1 is a width in pixels for every image.
 
 Both states are sums of integer counts: :meth:`SegmentationMetric.all_reduce` sums them over DDP
 ranks, so a sharded evaluation gives exactly the numbers of a single-process one.
