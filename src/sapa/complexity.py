@@ -33,13 +33,14 @@ How
 ---
 :class:`MacCounter` runs the model under ``torch.utils.flop_counter.FlopCounterMode`` (aten-level:
 conv, mm/addmm/bmm, SDPA) with the convolution formula replaced as above, and at the same time
-*intercepts* the public ops of :mod:`sapa.functional`: inside the ``with`` block every reference
-to them in ``sapa.*`` modules (and in the modules that define the model's classes) points to a
-wrapper that adds the formula's MACs and runs the original op with the dispatch modes disabled,
-so the aten ops it executes internally are not counted a second time. Custom ops registered
-under ``torch.ops.sapa`` with a functional op's name (optionally ``_fwd``/``_forward``) get the
-same formulas through ``FlopCounterMode``'s ``custom_mapping``, and FlopCounterMode never looks
-inside an op it has a formula for, so a direct call of such an op is counted once as well.
+*intercepts* the public ops of :mod:`sapa.functional`: inside the ``with`` block the backend
+lookup every op goes through (``sapa.backends.get_impl``) and every module-level reference to the
+ops in ``sapa.*`` modules (and in the modules defining the model's classes) point to wrappers that
+add the formula's MACs and run the implementation with the dispatch modes disabled, so the aten
+ops it executes internally are not counted a second time. Custom ops registered
+under ``torch.ops.sapa`` with a functional op's name (optionally ``_fwd``/``_forward``; others via
+:func:`register_op_formula`) are caught by a dispatch mode inside FlopCounterMode's, counted by the
+same formulas and run with counting paused, so a direct call of such an op is counted once too.
 
 Models can be counted on the ``meta`` device (no memory, no compute): :func:`measure` builds them
 there by default. Not thread-safe (the interception patches module attributes for its duration).
@@ -156,39 +157,52 @@ def _grid_sampler_flops(sampling_macs: int):
     return formula
 
 
-def _custom_op_flops(name: str, sampling_macs: int):
-    def formula(*args, out_val=None, **kwargs) -> int:
-        return 2 * OP_FORMULAS[name](_bind(name, args, kwargs), sampling_macs)
-    formula._get_raw = True
-    return formula
-
-
-def _raw(fn):
-    def formula(*args, out_val=None, **kwargs) -> int:
-        return 2 * int(fn(*args, **kwargs))
-    formula._get_raw = True
-    return formula
-
-
 _CUSTOM_SUFFIXES = ("", "_fwd", "_forward")
 
 
-def _custom_mapping(sampling_macs: int) -> dict:
+def _aten_mapping(sampling_macs: int) -> dict:
     aten = torch.ops.aten
     mapping: dict[Any, Any] = {aten.convolution: _conv_per_output, aten._convolution: _conv_per_output,
                                aten.grid_sampler_2d: _grid_sampler_flops(sampling_macs)}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu
+    return mapping
+
+
+def _custom_op_formulas(sampling_macs: int) -> dict[Any, tuple[str, Callable[..., int]]]:
+    """``torch.ops.sapa`` packets -> (label, formula(*args, **kwargs) -> MACs), for the custom ops
+    registered so far: those named after a functional op (+ a suffix) and :func:`register_op_formula`'s."""
+    out: dict[Any, tuple[str, Callable[..., int]]] = {}
     for name in OP_FORMULAS:
         for suffix in _CUSTOM_SUFFIXES:
             try:
                 packet = getattr(torch.ops.sapa, name + suffix)
             except (AttributeError, RuntimeError):
                 continue
-            mapping[packet] = _custom_op_flops(name, sampling_macs)
+            out[packet] = (f"sapa.{name}",
+                           functools.partial(lambda n, *a, **k: OP_FORMULAS[n](_bind(n, a, k), sampling_macs), name))
     for packet, fn in _EXTRA_CUSTOM_FORMULAS.items():
-        mapping[packet] = _raw(fn)
-    return mapping
+        out[packet] = (str(packet), fn)
+    return out
+
+
+def _custom_ops_mode(counter: "MacCounter", formulas: dict):
+    """A dispatch mode entered inside FlopCounterMode: a ``torch.ops.sapa`` custom op with a formula
+    is counted by it and run with every mode disabled (and the functional interception paused), so
+    nothing it executes internally is counted too. Other ops pass through to FlopCounterMode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            entry = formulas.get(getattr(func, "_overloadpacket", None))
+            if entry is None or counter._depth:
+                return func(*args, **kwargs)
+            label, formula = entry
+            counter._add(label, int(formula(*args, **kwargs)))
+            return counter._run_uncounted(func, args, kwargs)
+
+    return _Mode()
 
 
 # --- the counter -------------------------------------------------------------------------------------
@@ -229,40 +243,66 @@ class MacCounter:
         self._own: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     # interception of sapa.functional
-    def _wrapper(self, name: str, orig: Callable) -> Callable:
+    def _add(self, key: str, macs: int) -> None:
+        for par in set(self._fc.mod_tracker.parents):
+            self._own[par][key] += macs
+
+    def _record(self, name: str, args: tuple, kwargs: dict) -> None:
+        self._add(f"sapa.{name}", OP_FORMULAS[name](_bind(name, args, kwargs), self.sampling_macs))
+
+    def _run_uncounted(self, fn: Callable, args: tuple, kwargs: dict):
         from torch.utils._python_dispatch import _disable_current_modes
 
+        self._depth += 1
+        try:
+            with _disable_current_modes():
+                return fn(*args, **kwargs)
+        finally:
+            self._depth -= 1
+
+    def _wrapper(self, name: str, orig: Callable) -> Callable:
         @functools.wraps(orig)
         def wrapped(*args, **kwargs):
             if self._depth:
                 return orig(*args, **kwargs)
-            macs = OP_FORMULAS[name](_bind(name, args, kwargs), self.sampling_macs)
-            key = f"sapa.{name}"
-            for par in set(self._fc.mod_tracker.parents):
-                self._own[par][key] += macs
-            self._depth += 1
-            try:
-                with _disable_current_modes():
-                    return orig(*args, **kwargs)
-            finally:
-                self._depth -= 1
+            self._record(name, args, kwargs)
+            return self._run_uncounted(orig, args, kwargs)
         wrapped.__sapa_complexity_wrapped__ = True
         return wrapped
 
+    def _get_impl_wrapper(self, orig: Callable) -> Callable:
+        # Every public op asks backends.get_impl(op, ...) for its implementation and calls it with
+        # its own positional arguments (minus ``backend``): wrapping what get_impl returns catches
+        # calls through references to the functional ops taken before the block started.
+        @functools.wraps(orig)
+        def get_impl(op, *tensors, **kw):
+            backend_name, impl = orig(op, *tensors, **kw)
+            if op not in OP_FORMULAS:
+                return backend_name, impl
+
+            def counted(*args, **kwargs):
+                if self._depth:
+                    return impl(*args, **kwargs)
+                self._record(op, args, kwargs)
+                return self._run_uncounted(impl, args, kwargs)
+            return backend_name, counted
+        get_impl.__sapa_complexity_wrapped__ = True
+        return get_impl
+
     def _patch(self) -> None:
-        from . import functional
+        from . import backends, functional
 
         originals = {name: getattr(functional, name) for name in OP_FORMULAS if hasattr(functional, name)}
-        wrappers = {name: self._wrapper(name, orig) for name, orig in originals.items()}
-        by_id = {id(orig): name for name, orig in originals.items()}
+        replace = {id(orig): self._wrapper(name, orig) for name, orig in originals.items()}
+        replace[id(backends.get_impl)] = self._get_impl_wrapper(backends.get_impl)
         mods = {m for n, m in list(sys.modules.items()) if m is not None and (n == "sapa" or n.startswith("sapa."))}
         mods.update(m for m in self.extra_modules if m is not None)
         for mod in mods:
             for attr, val in list(vars(mod).items()):
-                name = by_id.get(id(val))
-                if name is not None:
+                new = replace.get(id(val))
+                if new is not None:
                     self._patched.append((mod, attr, val))
-                    setattr(mod, attr, wrappers[name])
+                    setattr(mod, attr, new)
 
     def _unpatch(self) -> None:
         for mod, attr, val in reversed(self._patched):
@@ -273,10 +313,12 @@ class MacCounter:
         from torch.utils.flop_counter import FlopCounterMode
 
         self._own.clear()
-        self._fc = FlopCounterMode(display=False, custom_mapping=_custom_mapping(self.sampling_macs))
+        self._fc = FlopCounterMode(display=False, custom_mapping=_aten_mapping(self.sampling_macs))
+        self._mode = _custom_ops_mode(self, _custom_op_formulas(self.sampling_macs))
         self._patch()
         try:
             self._fc.__enter__()
+            self._mode.__enter__()
         except BaseException:
             self._unpatch()
             raise
@@ -284,6 +326,7 @@ class MacCounter:
 
     def __exit__(self, *exc) -> None:
         try:
+            self._mode.__exit__(*exc)
             self._fc.__exit__(*exc)
         finally:
             self._unpatch()
@@ -460,17 +503,18 @@ def measure(host: str, upsampler: Any, size: int | Sequence[int] = 512, *, devic
 
 def host_rows(host: str, upsamplers: Sequence[Any] | None = None, size: int | Sequence[int] = 512, *,
               sampling_macs: int = 4, device: str = "meta") -> list[dict]:
-    """Rows of the complexity table of ``host``: the baseline first, then every upsampler (default:
-    every registered one). Keys: ``upsampler``, ``gflops`` (GMACs), ``params_m`` (absolute, whole
-    model), ``d_gflops``, ``d_params_m`` (vs the baseline), ``paper_gflops``/``paper_params_m``
+    """Rows of the complexity table of ``host``: the baseline first, then every upsampler (``None``:
+    every registered one; ``[]``: the baseline only). Keys: ``upsampler``, ``gflops`` (GMACs),
+    ``params_m`` (absolute, whole model), ``d_gflops``, ``d_params_m`` (vs the baseline),
+    ``paper_gflops``/``paper_params_m``
     (the papers' value for the row: absolute for the baseline, a delta otherwise; ``None`` where
     the papers have none)."""
     from .registry import list_upsamplers
 
-    h = HOSTS[host] if host in HOSTS else None
-    if h is None:
+    if host not in HOSTS:
         raise KeyError(f"unknown host {host!r}; valid: {', '.join(HOSTS)}")
-    names = list(upsamplers) if upsamplers else list_upsamplers()
+    h = HOSTS[host]
+    names = list_upsamplers() if upsamplers is None else list(upsamplers)
     names = [h.baseline] + [n for n in names if n != h.baseline]
     base = None
     rows = []
