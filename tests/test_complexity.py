@@ -107,6 +107,24 @@ def test_custom_op_gets_formula_not_its_internals(monkeypatch):
     assert all("einsum" not in k and "bmm" not in k for k in mc.by_op)
 
 
+def test_library_cpu_custom_ops_counted_once():
+    """The project's own forward custom ops (``torch.ops.sapa.<op>_fwd_cpu``), called directly or
+    through the functional ops on the cpu backend, give the formula's count."""
+    import importlib.util
+
+    if not sapa.backends.can_run_cpu("sapa", torch.zeros(1)):
+        pytest.skip("cpu backend unavailable")
+    for mod in ("sapa.ops.window.op", "sapa.ops.deform.op"):
+        if importlib.util.find_spec(mod) is not None:
+            __import__(mod)
+    if not hasattr(torch.ops.sapa, "sapa_fwd_cpu"):
+        pytest.skip("no sapa_fwd_cpu custom op")
+    q, k, v = torch.randn(1, 4, 8, 10), torch.randn(1, 4, 4, 5), torch.randn(1, 6, 4, 5)
+    expected = 8 * 10 * (4 + 6) * 25
+    assert _count(torch.ops.sapa.sapa_fwd_cpu, q, k, v, 5, 2).by_op == {"sapa.sapa": expected}
+    assert _count(Fn.sapa, q, k, v, 5, 2, backend="cpu").by_op == {"sapa.sapa": expected}
+
+
 def test_register_op_formula_for_other_names():
     name = "cxtest_double"
     if not hasattr(torch.ops.sapa, name):

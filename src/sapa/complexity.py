@@ -38,7 +38,7 @@ lookup every op goes through (``sapa.backends.get_impl``) and every module-level
 ops in ``sapa.*`` modules (and in the modules defining the model's classes) point to wrappers that
 add the formula's MACs and run the implementation with the dispatch modes disabled, so the aten
 ops it executes internally are not counted a second time. Custom ops registered
-under ``torch.ops.sapa`` with a functional op's name (optionally ``_fwd``/``_forward``; others via
+under ``torch.ops.sapa`` with a functional op's name (optionally + ``_fwd``/``_fwd_cpu``/...; others via
 :func:`register_op_formula`) are caught by a dispatch mode inside FlopCounterMode's, counted by the
 same formulas and run with counting paused, so a direct call of such an op is counted once too.
 
@@ -157,7 +157,9 @@ def _grid_sampler_flops(sampling_macs: int):
     return formula
 
 
-_CUSTOM_SUFFIXES = ("", "_fwd", "_forward")
+# sapa/ops/<op>/op.py names its forward custom ops "<op>_fwd_<backend>" with the functional op's
+# positional arguments; "_bwd" ops are never counted (the counter counts forward passes).
+_CUSTOM_SUFFIXES = ("", "_fwd", "_forward", "_fwd_cpu", "_fwd_triton", "_fwd_cuda")
 
 
 def _aten_mapping(sampling_macs: int) -> dict:
