@@ -87,11 +87,12 @@ def test_bound_reference_counted_once_when_its_module_is_given():
 
 
 def test_custom_op_gets_formula_not_its_internals(monkeypatch):
-    """A torch.ops.sapa custom op named like a functional op is counted by the formula, and the
-    einsum its implementation runs is not counted on top (FlopCounterMode does not look inside)."""
-    name = "reassemble_cxtest"
-    if not hasattr(torch.ops.sapa, name):
-        @torch.library.custom_op(f"sapa::{name}", mutates_args=())
+    """A custom op of the sapa namespace named like a functional op is counted by the formula, and
+    the einsum its implementation runs is not counted on top. (A test namespace stands in for
+    ``sapa`` so that no test op is added to the library's namespace.)"""
+    name = "reassemble_fwd_cpu"
+    if not hasattr(torch.ops.sapatest, name):
+        @torch.library.custom_op(f"sapatest::{name}", mutates_args=())
         def _op(weights: torch.Tensor, v: torch.Tensor, kernel_size: int, scale_factor: int,
                 groups: int) -> torch.Tensor:
             return Fn.reassemble(weights, v, kernel_size, scale_factor, groups, backend="reference")
@@ -99,8 +100,8 @@ def test_custom_op_gets_formula_not_its_internals(monkeypatch):
         @_op.register_fake
         def _(weights, v, kernel_size, scale_factor, groups):
             return v.new_empty(v.shape[0], v.shape[1], *weights.shape[-2:])
-    monkeypatch.setattr(cx, "_CUSTOM_SUFFIXES", cx._CUSTOM_SUFFIXES + ("_cxtest",))
-    op = getattr(torch.ops.sapa, name)
+    monkeypatch.setattr(cx, "_NAMESPACE", "sapatest")
+    op = getattr(torch.ops.sapatest, name)
     w, v = torch.softmax(torch.randn(2, 9, 6, 8), 1), torch.randn(2, 5, 3, 4)
     mc = _count(op, w, v, 3, 2, 1)
     assert mc.macs == 2 * 6 * 8 * 5 * 9
@@ -127,15 +128,15 @@ def test_library_cpu_custom_ops_counted_once():
 
 def test_register_op_formula_for_other_names():
     name = "cxtest_double"
-    if not hasattr(torch.ops.sapa, name):
-        @torch.library.custom_op(f"sapa::{name}", mutates_args=())
+    if not hasattr(torch.ops.sapatest, name):
+        @torch.library.custom_op(f"sapatest::{name}", mutates_args=())
         def _op(x: torch.Tensor) -> torch.Tensor:
             return x @ x  # would count n^3 MACs if the formula did not replace it
 
         @_op.register_fake
         def _(x):
             return torch.empty_like(x)
-    op = getattr(torch.ops.sapa, name)
+    op = getattr(torch.ops.sapatest, name)
     cx.register_op_formula(op, lambda x: 7 * x.numel())
     try:
         assert _count(op, torch.randn(4, 4)).macs == 7 * 16

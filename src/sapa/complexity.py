@@ -160,6 +160,7 @@ def _grid_sampler_flops(sampling_macs: int):
 # sapa/ops/<op>/op.py names its forward custom ops "<op>_fwd_<backend>" with the functional op's
 # positional arguments; "_bwd" ops are never counted (the counter counts forward passes).
 _CUSTOM_SUFFIXES = ("", "_fwd", "_forward", "_fwd_cpu", "_fwd_triton", "_fwd_cuda")
+_NAMESPACE = "sapa"
 
 
 def _aten_mapping(sampling_macs: int) -> dict:
@@ -178,7 +179,7 @@ def _custom_op_formulas(sampling_macs: int) -> dict[Any, tuple[str, Callable[...
     for name in OP_FORMULAS:
         for suffix in _CUSTOM_SUFFIXES:
             try:
-                packet = getattr(torch.ops.sapa, name + suffix)
+                packet = getattr(getattr(torch.ops, _NAMESPACE), name + suffix)
             except (AttributeError, RuntimeError):
                 continue
             out[packet] = (f"sapa.{name}",
