@@ -226,14 +226,14 @@ class Trainer:
                 if aux is None:
                     return loss, {}
                 aux_loss = F.cross_entropy(resize_logits(aux.float(), labels.shape[-2:]), labels, ignore_index=255)
-                return loss + self.cfg.model.aux_weight * aux_loss, {"loss_main": float(loss),
-                                                                      "loss_aux": float(aux_loss)}
+                return loss + self.cfg.model.aux_weight * aux_loss, {"loss_main": float(loss.detach()),
+                                                                      "loss_aux": float(aux_loss.detach())}
             images, targets = batch
             images = [im.to(self.device) for im in images]
             targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             losses = self.ddp(images, targets)
             total = sum(losses.values())
-            return total, {k: float(v) for k, v in losses.items()}
+            return total, {k: float(v.detach()) for k, v in losses.items()}
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics drift apart in the last
@@ -284,7 +284,7 @@ class Trainer:
                 loss, parts = self._loss(batch)
                 if not torch.isfinite(loss):
                     if not self.use_scaler:
-                        raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {self.iteration}")
+                        raise FloatingPointError(f"non-finite loss {float(loss.detach())} at iteration {self.iteration}")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if self.cfg.optim.grad_clip:
@@ -297,7 +297,7 @@ class Trainer:
                 n_sum += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 done = self.iteration == self.max_iters
                 if self.iteration % max(t.log_interval, 1) == 0 or done:
                     avg = self._mean_over_ranks(loss_sum / n_sum)
