@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 --set model.upsampler=sapa_b "
                         "(repeatable; see --print-config for the keys)")
-    p.add_argument("--output", metavar="DIR", help="run folder (same as --set train.output=DIR)")
+    p.add_argument("--output", metavar="DIR",
+                   help="run folder (same as --set train.output=DIR; default runs/<preset>-<upsampler>)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (default: OUTPUT/last.pt) with its config; --set applies on top "
                         "(train.stop_at of the interrupted run is cleared)")
@@ -49,7 +50,10 @@ def resolve_config(args):
         cfg = Config.from_dict(json.loads(Path(args.config).read_text()))
     else:
         cfg = get_preset(args.preset)
-    return apply_overrides(cfg, overrides), resume
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.train.output is None:
+        cfg.train.output = f"runs/{cfg.preset}-{cfg.model.upsampler}"
+    return cfg, resume
 
 
 def run(args) -> int:

@@ -314,9 +314,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.out is not None and self.info.is_main:
-            plot_curves(self.log.records, self.out / "curves.png", title=f"{self.cfg.preset}: {self.cfg.model.name} "
-                        f"+ {self.cfg.model.upsampler}")
+        self._plot()
         return {"iteration": self.iteration, "stopped": stopped, "last_eval": last_eval, "best": dict(self.best)}
 
     def _periodic_eval(self) -> dict:
@@ -337,6 +335,10 @@ class Trainer:
             self.log.write(rec)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items())
             self.say(f"[eval @ {self.iteration}] {shown}" + ("  (best)" if improved else ""))
-            if self.out is not None:
-                plot_curves(self.log.records, self.out / "curves.png")
+            self._plot()
         return res
+
+    def _plot(self) -> None:
+        if self.out is not None and self.info.is_main:
+            plot_curves(self.log.records, self.out / "curves.png",
+                        title=f"{self.cfg.preset}: {self.cfg.model.name} + {self.cfg.model.upsampler}")
