@@ -389,6 +389,7 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, lse, P, G, s, band_lo, band_base, 
                 go_ = _U(j * Clv + g * Cg)
                 L = lse[b, g, i, j]
                 delta = q.dtype.type(0)
+                tot = q.dtype.type(0)
                 for p in range(P):
                     ty[p], tx[p] = _point(orow, j, g, p, P, i // s, j // s, H, W, iy[p], ix[p], wt[p])
                     _offsets(iy[p], ix[p], b * H, W, Clk, g * d, kf.size - Clk, ok[p])
@@ -398,6 +399,11 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, lse, P, G, s, band_lo, band_base, 
                     lg = wt[p, 0] * fk[p, 0] + wt[p, 1] * fk[p, 1] + wt[p, 2] * fk[p, 2] + wt[p, 3] * fk[p, 3]
                     dp[p] = wt[p, 0] * fv[p, 0] + wt[p, 1] * fv[p, 1] + wt[p, 2] * fv[p, 2] + wt[p, 3] * fv[p, 3]
                     prob[p] = np.exp(lg - L)
+                    tot += prob[p]
+                # renormalised: lse is rounded at the logits' magnitude (see window/cpu.py _probs)
+                inv = 1 / tot
+                for p in range(P):
+                    prob[p] *= inv
                     delta += prob[p] * dp[p]
                 for p in range(P):
                     dl = prob[p] * (dp[p] - delta)

@@ -1,0 +1,328 @@
+"""The benchmark runner behind ``sapa bench``: op x backend x placement x mode, timed and measured
+in one process, one JSON-serialisable record per case.
+
+Timing: each case runs once untimed (warm-up: numba compilation or cache load, allocator), then
+``repeats`` timed calls (``time.perf_counter``); the record keeps median / min / max in ms.
+``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` runs the op on inputs that require grad and
+``out.backward(grad)`` with a fixed random ``grad`` (gradients are cleared outside the timed region).
+
+Speed-up: ``speedup_vs_reference`` = median of the reference backend / median of this backend for
+the same op, placement and mode, measured in the same run on the same machine (1.0 for the
+reference itself; absent when the reference was not run).
+
+Peak memory (CPU): measured after all timings, one call per case, as the rise of the process's
+resident-set high-water mark over its resident set just before the call: ``/proc/self/clear_refs``
+(``5``) resets ``VmHWM`` to the current ``VmRSS``, the case runs, ``VmHWM - VmRSS(before)`` is
+recorded. To make freed memory leave the process (so that the next case's allocations show up as
+new resident pages) glibc's mmap threshold is fixed at 64 KiB (``mallopt``) and ``malloc_trim(0)``
+runs before each measurement. This counts everything the call touches: torch tensors, numpy and
+numba buffers, page-granular; the inputs already exist and are not counted, the outputs and saved
+tensors are. ``mem_method`` says which method was used ("rss-hwm", or "unavailable" where
+``/proc/self/clear_refs`` cannot be written, e.g. macOS).
+
+GFLOP/s: ``2 * sapa.complexity.op_macs(...)`` per forward (the papers' MAC formulas, SPEC §4.2,
+bilinear sampling at 4 MACs per scalar), times 3 for ``fwd+bwd`` (the usual backward = 2 x forward
+convention), divided by the median time. ``matmul_gflops`` is ``torch.mm`` of two 2048 x 2048
+float32 matrices on the same machine and threads, for scale.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime as _dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from .. import functional
+from ..backends import CAN_RUN
+from ..complexity import op_macs
+from .shapes import OPS, OP_SETTINGS, Placement, make_inputs, shape_set
+
+MODES = ("fwd", "fwd+bwd")
+SCHEMA = 1
+
+
+# ----------------------------------------------------------------------------- environment
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("numba", "numpy", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            out[mod] = None
+    from .. import __version__
+    out["sapa"] = __version__
+    return out
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------- peak memory
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def rss_memory_available() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory() as pm: ...`` -> ``pm.peak_bytes``: rise of the resident-set high-water mark
+    during the block (see the module doc). ``peak_bytes`` is None where unavailable."""
+
+    _configured = False
+
+    def __init__(self):
+        self.available = rss_memory_available()
+        self.peak_bytes: int | None = None
+        libc = _libc()
+        self._trim = getattr(libc, "malloc_trim", None) if libc else None
+        if self.available and libc is not None and not PeakMemory._configured:
+            try:  # M_MMAP_THRESHOLD = -3: allocations >= 64 KiB are mmapped and unmapped on free
+                libc.mallopt(-3, 64 * 1024)
+                PeakMemory._configured = True
+            except AttributeError:
+                pass
+
+    def __enter__(self):
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        if self.available:
+            with open(_CLEAR_REFS, "w") as f:
+                f.write("5")
+            self._base = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            self.peak_bytes = max(0, _status_kb("VmHWM") - self._base) * 1024
+        return False
+
+
+# ----------------------------------------------------------------------------- one case
+def _call(op: str, args: tuple, kwargs: dict, backend: str):
+    return getattr(functional, op)(*args, backend=backend, **kwargs)
+
+
+def _make_runner(op: str, pl: Placement, backend: str, mode: str, dtype: torch.dtype,
+                 seed: int) -> Callable[[], None]:
+    args, kwargs = make_inputs(op, pl, dtype, seed)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                _call(op, args, kwargs, backend)
+        return run
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        out = _call(op, args, kwargs, backend)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
+    del out
+
+    def run():
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        _call(op, args, kwargs, backend).backward(grad)
+    return run
+
+
+def _flop(op: str, pl: Placement, mode: str) -> float:
+    args, kwargs = make_inputs(op, Placement(pl.batch, pl.channels, pl.in_hw, pl.out_hw, pl.scale),
+                               torch.float32)
+    macs = op_macs(op, *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    return 2.0 * macs * (3 if mode == "fwd+bwd" else 1)
+
+
+def time_case(run: Callable[[], None], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------- the runner
+def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("reference", "cpu"),
+              shapes: Iterable[str] = ("segformer-b1",), modes: Iterable[str] = MODES, repeats: int = 5,
+              quick: bool = False, dtype: torch.dtype = torch.float32, memory: bool = True, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the benchmark grid and return one record (dict) per op x backend x placement x mode.
+
+    Args:
+        ops: names of :mod:`sapa.functional` ops (default: all six).
+        backends: backends to time; a backend that cannot run on CPU tensors is skipped with a
+            record ``{"skipped": reason}``. Put "reference" in to get speed-up ratios.
+        shapes: names of shape sets (:data:`sapa.bench.shapes.SHAPE_SETS`).
+        modes: "fwd" and/or "fwd+bwd".
+        repeats: timed calls per case (after one warm-up call).
+        quick: only the largest placement of each shape set, and at most 3 repeats.
+        memory: also measure peak memory (one extra call per case).
+        progress: called with a short description before each case (e.g. a progress bar's update).
+
+    Example:
+        >>> recs = run_bench(ops=["sapa"], shapes=["tiny"], modes=["fwd"], repeats=1, memory=False)
+        >>> sorted(r["backend"] for r in recs)
+        ['cpu', 'reference']
+    """
+    ops = list(ops or OPS)
+    for op in ops:
+        if op not in OPS:
+            raise KeyError(f"unknown op {op!r}; valid: {', '.join(OPS)}")
+    backends, modes = list(backends), list(modes)
+    for b in backends:
+        if b not in CAN_RUN:
+            raise KeyError(f"unknown backend {b!r}; valid: {', '.join(CAN_RUN)}")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; valid: {', '.join(MODES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if quick:
+        repeats = min(repeats, 3)
+    placements = []
+    for name in shapes:
+        pls = shape_set(name)
+        placements += [(name, pl) for pl in (pls[-1:] if quick else pls)]
+
+    common = {"schema": SCHEMA, "machine": machine_info(), **versions(), "git_commit": git_commit(),
+              "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "dtype": str(dtype).replace("torch.", ""), "matmul_gflops": round(matmul_gflops(), 1),
+              "settings": dict(OP_SETTINGS)}
+    records: list[dict] = []
+    runners: dict[int, Callable[[], None]] = {}
+    for op in ops:
+        for set_name, pl in placements:
+            for mode in modes:
+                flop = _flop(op, pl, mode)
+                for backend in backends:
+                    rec = {**common, "op": op, "backend": backend, "mode": mode, "shape_set": set_name,
+                           "shape": pl.name, "batch": pl.batch, "channels": pl.channels,
+                           "in_hw": list(pl.in_hw), "out_hw": list(pl.out_hw), "scale": pl.scale,
+                           "repeats": repeats, "gflop": round(flop / 1e9, 4)}
+                    probe = make_inputs(op, Placement(1, 8, (2, 2), (4, 4)), dtype)[0]
+                    try:
+                        CAN_RUN[backend](op, *probe, raise_error=True)
+                    except RuntimeError as why:
+                        records.append({**rec, "skipped": str(why)})
+                        continue
+                    if progress is not None:
+                        progress(f"{op} {backend} {set_name} {pl.name} {mode}")
+                    run = _make_runner(op, pl, backend, mode, dtype, seed)
+                    times = time_case(run, repeats)
+                    med = statistics.median(times)
+                    rec.update(median_ms=round(med * 1e3, 3), min_ms=round(min(times) * 1e3, 3),
+                               max_ms=round(max(times) * 1e3, 3), gflops=round(flop / med / 1e9, 2))
+                    records.append(rec)
+                    runners[len(records) - 1] = run
+    if memory:
+        for idx, run in runners.items():
+            if progress is not None:
+                r = records[idx]
+                progress(f"memory {r['op']} {r['backend']} {r['shape_set']} {r['shape']} {r['mode']}")
+            with PeakMemory() as pm:
+                run()
+            records[idx]["peak_mem_bytes"] = pm.peak_bytes
+            records[idx]["mem_method"] = "rss-hwm" if pm.available else "unavailable"
+    runners.clear()
+    _add_ratios(records)
+    return records
+
+
+def _add_ratios(records: list[dict]) -> None:
+    ref = {(r["op"], r["shape_set"], r["shape"], r["mode"]): r for r in records
+           if r["backend"] == "reference" and "median_ms" in r}
+    for r in records:
+        base = ref.get((r["op"], r["shape_set"], r["shape"], r["mode"]))
+        if base is None or "median_ms" not in r:
+            continue
+        r["speedup_vs_reference"] = round(base["median_ms"] / r["median_ms"], 2)
+        if r.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
+            r["mem_ratio_vs_reference"] = round(r["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
+
+
+def summary_table(records: list[dict]) -> str:
+    """A plain-text table of the records (one line per case)."""
+    head = (f"{'op':<18}{'backend':<10}{'shape':<18}{'mode':<8}{'median ms':>11}{'min':>9}{'max':>9}"
+            f"{'x ref':>8}{'peak MB':>9}{'GFLOP/s':>9}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if "skipped" in r:
+            lines.append(f"{r['op']:<18}{r['backend']:<10}{r['shape']:<18}{r['mode']:<8}  skipped: "
+                         f"{r['skipped']}")
+            continue
+        mem = r.get("peak_mem_bytes")
+        lines.append(
+            f"{r['op']:<18}{r['backend']:<10}{r['shape']:<18}{r['mode']:<8}{r['median_ms']:>11.2f}"
+            f"{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}"
+            f"{(str(r['speedup_vs_reference']) + 'x') if 'speedup_vs_reference' in r else '-':>8}"
+            f"{(mem / 2 ** 20 if mem is not None else float('nan')):>9.1f}{r['gflops']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""``sapa bench``: time the custom ops (window_similarity, reassemble, sapa, deform_similarity,
+deform_reassemble, sapa_deform) per backend at the papers' upsampling placements, forward and
+forward+backward, with peak memory and the speed-up against the reference backend measured in the
+same run. Records are JSON lines tagged with machine, versions and git commit (``--json PATH``);
+curated ones live in benchmarks/results/. What is measured and how: ``sapa.bench.runner``."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    from ..bench.runner import MODES
+    from ..bench.shapes import OPS, SHAPE_SETS
+
+    p = sub.add_parser("bench", help="benchmark the custom ops per backend (speed-up vs the reference, "
+                                     "peak memory)", description=__doc__)
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), metavar="OP",
+                   help=f"ops to time (default: all): {', '.join(OPS)}")
+    p.add_argument("--backends", nargs="+", default=["reference", "cpu"], metavar="NAME",
+                   help="backends (default: reference cpu); keep 'reference' for the speed-up ratios")
+    p.add_argument("--shapes", nargs="+", default=["segformer-b1"], choices=list(SHAPE_SETS), metavar="SET",
+                   help=f"named shape sets (default segformer-b1): {', '.join(SHAPE_SETS)}")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="fwd and/or fwd+bwd (default both)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per case after one warm-up (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="only the largest placement of each shape set, at most 3 repeats")
+    p.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="append the records as JSON lines to PATH ('-' prints them instead of the table)")
+    p.set_defaults(func=run)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in the [train] extra; plain lines otherwise
+        def plain(msg: str) -> None:
+            print(f"  {msg}", file=sys.stderr, flush=True)
+        return plain, lambda: None
+    bar = tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True, file=sys.stderr)
+
+    def update(msg: str) -> None:
+        bar.set_postfix_str(msg, refresh=False)
+        bar.update(1)
+    return update, bar.close
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench.runner import run_bench, summary_table
+    from ..bench.shapes import shape_set
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    n_pl = sum(1 if args.quick else len(shape_set(s)) for s in args.shapes)
+    total = len(args.ops) * n_pl * len(args.modes) * len(args.backends) * (1 if args.no_memory else 2)
+    update, close = _progress(total)
+    try:
+        records = run_bench(ops=args.ops, backends=args.backends, shapes=args.shapes, modes=args.modes,
+                            repeats=args.repeats, quick=args.quick, dtype=getattr(torch, args.dtype),
+                            memory=not args.no_memory, progress=update)
+    finally:
+        close()
+    if args.json == "-":
+        for r in records:
+            print(json.dumps(r))
+        return 0
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    r0 = records[0] if records else {}
+    m = r0.get("machine", {})
+    print(f"# {m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads), torch {r0.get('torch')}, "
+          f"numba {r0.get('numba')}, commit {r0.get('git_commit')}, {r0.get('dtype')}, "
+          f"torch.mm 2048^2: {r0.get('matmul_gflops')} GFLOP/s")
+    print(summary_table(records))
+    if args.json:
+        print(f"# {len(records)} records appended to {args.json}")
+    return 0
