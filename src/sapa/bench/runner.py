@@ -267,7 +267,7 @@ def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("refe
                     rec = {**common, "op": op, "backend": backend, "mode": mode, "shape_set": set_name,
                            "shape": pl.name, "batch": pl.batch, "channels": pl.channels,
                            "in_hw": list(pl.in_hw), "out_hw": list(pl.out_hw), "scale": pl.scale,
-                           "repeats": repeats, "gflop": round(flop / 1e9, 4)}
+                           "repeats": repeats, "gflop": flop / 1e9}
                     probe = make_inputs(op, Placement(1, 8, (2, 2), (4, 4)), dtype)[0]
                     try:
                         CAN_RUN[backend](op, *probe, raise_error=True)

@@ -1,0 +1,125 @@
+"""sapa.bench: the runner's records (fields, ratios from the same run, skipped backends), the peak
+memory measurement, the named shape sets, and the ``sapa bench`` command."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sapa.bench import OPS, SHAPE_SETS, PeakMemory, make_inputs, run_bench, shape_set, summary_table
+from sapa.cli import main
+
+REQUIRED = {"schema", "machine", "torch", "numba", "git_commit", "timestamp", "dtype", "matmul_gflops", "op",
+            "backend", "mode", "shape_set", "shape", "batch", "channels", "in_hw", "out_hw", "scale",
+            "repeats", "gflop", "median_ms", "min_ms", "max_ms", "gflops", "peak_mem_bytes", "mem_method"}
+
+
+@pytest.fixture(scope="module")
+def records():
+    return run_bench(ops=["sapa", "sapa_deform"], backends=["reference", "cpu", "triton"], shapes=["tiny"],
+                     modes=["fwd", "fwd+bwd"], repeats=2)
+
+
+def test_records_are_well_formed(records):
+    timed = [r for r in records if "skipped" not in r]
+    assert len(timed) == 2 * 2 * 2  # ops x backends that run on CPU tensors x modes
+    for r in timed:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["min_ms"] > 0
+        assert r["machine"]["cores"] >= 1 and r["machine"]["threads"] >= 1
+        assert r["gflops"] == pytest.approx(r["gflop"] / (r["median_ms"] / 1e3), rel=0.02, abs=0.02)
+        assert (r["shape"], r["in_hw"], r["out_hw"]) == ("5x7->10x13", [5, 7], [10, 13])
+        json.loads(json.dumps(r))  # JSON-serialisable
+    # the fwd+bwd flop count is 3x the forward's
+    by = {(r["op"], r["backend"], r["mode"]): r for r in timed}
+    assert by[("sapa", "cpu", "fwd+bwd")]["gflop"] == pytest.approx(3 * by[("sapa", "cpu", "fwd")]["gflop"])
+
+
+def test_speedups_are_ratios_of_the_same_run(records):
+    ref = {(r["op"], r["mode"]): r for r in records if r["backend"] == "reference"}
+    for r in records:
+        if r["backend"] == "cpu":
+            base = ref[(r["op"], r["mode"])]
+            assert r["speedup_vs_reference"] == pytest.approx(base["median_ms"] / r["median_ms"], rel=0.01)
+        if r["backend"] == "reference":
+            assert r["speedup_vs_reference"] == 1.0
+
+
+def test_unavailable_backend_is_a_skipped_record(records):
+    skipped = [r for r in records if r["backend"] == "triton"]
+    assert len(skipped) == 4 and all("skipped" in r and "median_ms" not in r for r in skipped)
+    assert "triton" in skipped[0]["skipped"]
+
+
+def test_summary_table_lists_every_case(records):
+    table = summary_table(records).splitlines()
+    assert len(table) == 2 + len(records)
+    assert any("skipped" in line for line in table)
+
+
+def test_peak_memory_sees_an_allocation():
+    pm = PeakMemory()
+    if not pm.available:
+        pytest.skip("needs /proc/self/clear_refs")
+    keep = torch.ones(4 << 20)  # allocated before: not counted
+    with PeakMemory() as a:
+        x = torch.ones(8 << 20)  # 32 MB, touched
+        del x
+    with PeakMemory() as b:
+        pass
+    assert 30e6 < a.peak_bytes < 40e6, a.peak_bytes
+    assert b.peak_bytes < 2e6, b.peak_bytes
+    del keep
+
+
+def test_shape_sets_are_the_papers_placements():
+    seg = shape_set("segformer-b1")
+    assert [(p.channels, p.in_hw, p.out_hw) for p in seg] == [
+        (256, (16, 16), (32, 32)), (256, (32, 32), (64, 64)), (256, (64, 64), (128, 128))]
+    assert all(p.channels == 512 for p in shape_set("upernet"))
+    fpn = shape_set("fpn")
+    assert fpn[0].in_hw == (25, 42) and fpn[1].out_hw == (100, 167)  # 1333 / 8 rounds up: ceil mode
+    for name in SHAPE_SETS:
+        for pl in shape_set(name):
+            (h, w), (hq, wq) = pl.in_hw, pl.out_hw
+            assert 2 * h - 2 < hq <= 2 * h and 2 * w - 2 < wq <= 2 * w
+    with pytest.raises(KeyError, match="segformer-b1"):
+        shape_set("nope")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_inputs_run_on_every_op(op):
+    import sapa.functional as Fn
+
+    args, kw = make_inputs(op, shape_set("tiny")[0])
+    out = getattr(Fn, op)(*args, backend="reference", **kw)
+    assert out.shape[0] == 1 and math.isfinite(out.sum().item())
+
+
+def test_bad_arguments():
+    with pytest.raises(KeyError, match="unknown op"):
+        run_bench(ops=["nope"], shapes=["tiny"])
+    with pytest.raises(KeyError, match="unknown backend"):
+        run_bench(ops=["sapa"], backends=["gpu"], shapes=["tiny"])
+    with pytest.raises(ValueError, match="unknown mode"):
+        run_bench(ops=["sapa"], modes=["bwd"], shapes=["tiny"])
+
+
+def test_cli_writes_json_lines(tmp_path, capsys):
+    path = tmp_path / "bench.jsonl"
+    rc = main(["bench", "--ops", "reassemble", "--shapes", "tiny", "--repeats", "1", "--no-memory",
+               "--json", str(path)])
+    assert rc == 0
+    lines = path.read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert len(recs) == 4 and {r["backend"] for r in recs} == {"reference", "cpu"}
+    assert all("peak_mem_bytes" not in r for r in recs)
+    out = capsys.readouterr().out
+    assert "reassemble" in out and "x ref" in out and "torch.mm" in out
+
+
+def test_cli_rejects_unknown_choices():
+    with pytest.raises(SystemExit):
+        main(["bench", "--shapes", "nope"])
