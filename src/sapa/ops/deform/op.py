@@ -23,13 +23,12 @@ from torch import Tensor
 
 from ...backends import register_impl
 from .._common import compute_dtype
-from ..window.op import as_numpy, cpu_kernels, nbands, run_bands
+from ..window.op import as_numpy, cpu_kernels, nbands, new_tensor, run_bands
 
 # ================================================================================= cpu backend
 
 
-def _new(shape, dtype) -> Tensor:
-    return torch.empty(shape, dtype=dtype)
+_new = new_tensor
 
 
 def _flat_cl(kern, t: Tensor, dtype: torch.dtype):
@@ -38,7 +37,7 @@ def _flat_cl(kern, t: Tensor, dtype: torch.dtype):
     t = t.detach().to(dtype).contiguous()
     B, C, H, W = t.shape
     Cl = C + kern._PAD
-    out = torch.empty(B * H * W * Cl + Cl, dtype=dtype)
+    out = new_tensor(B * H * W * Cl + Cl, dtype)
     out[B * H * W * Cl:] = 0
     run_bands(kern.to_cl, B * H, t.numpy(), Cl, out.numpy())
     return out.numpy()
@@ -63,7 +62,7 @@ class _Bands:
     def buffer(self, kern, W, C, dtype) -> Tensor:
         """Flat zeroed [rows, W, C + _PAD] buffer plus a scratch tail written by outside corners."""
         Cl = C + kern._PAD
-        return torch.zeros(self.rows * W * Cl + Cl, dtype=dtype)
+        return new_tensor(self.rows * W * Cl + Cl, dtype, zero=True)
 
     def reduce(self, kern, buf: Tensor, shape, dtype) -> Tensor:
         out = _new(shape, dtype)
