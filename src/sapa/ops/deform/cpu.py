@@ -111,13 +111,44 @@ _U = np.uint64
 
 
 @njit(**_INLINE)
-def _corners(pix, wts, gp, j, pbase, Cl, c0, tail, o, w):
-    """o[m] = flat offset of channel c0 of corner m in a [pixels, Cl] array whose pixel 0 is pixel
-    -pbase of the image (``tail`` outside); w[m] = the corner's weight."""
+def _corners(pix, wts, gp, j, pbase, Cl, c0, tail, o, w, at=0):
+    """o[at + m] = flat offset of channel c0 of corner m in a [pixels, Cl] array whose pixel 0 is
+    pixel -pbase of the image (``tail`` outside); w[at + m] = the corner's weight."""
     for m in range(4):
         pv = pix[gp, m, j]
-        o[m] = _U((pbase + pv) * Cl + c0) if pv >= 0 else _U(tail)
-        w[m] = wts[gp, m, j]
+        o[at + m] = _U((pbase + pv) * Cl + c0) if pv >= 0 else _U(tail)
+        w[at + m] = wts[gp, m, j]
+
+
+# Two points (8 corners) per channel loop: the loops are short (d = 32, C/G = 64 channels) and
+# their fixed cost (set-up, alias checks, horizontal sums) was a large part of each point's time.
+@njit(**_INLINE)
+def _dots8(a, ao, lo, o, n, f):
+    """f[m] = sum_c a[ao + c] * lo[o[m] + c] for the 8 corners of two points."""
+    z = a.dtype.type(0)
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = z
+    o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
+    for c in range(n):
+        e = a[ao + c]
+        t0 += e * lo[o0 + c]
+        t1 += e * lo[o1 + c]
+        t2 += e * lo[o2 + c]
+        t3 += e * lo[o3 + c]
+        t4 += e * lo[o4 + c]
+        t5 += e * lo[o5 + c]
+        t6 += e * lo[o6 + c]
+        t7 += e * lo[o7 + c]
+    f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7] = t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@njit(**_INLINE)
+def _axpy8(dst, do, w, lo, o, n):
+    """dst[do + c] += sum_m w[m] * lo[o[m] + c] over the 8 corners of two points."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
+    o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
+    for c in range(n):
+        dst[do + c] += (w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
+                        + w4 * lo[o4 + c] + w5 * lo[o5 + c] + w6 * lo[o6 + c] + w7 * lo[o7 + c])
 
 
 @njit(**_INLINE)
@@ -340,9 +371,9 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
     qr = np.empty(Wq * Clk, q.dtype)
     acc = np.empty(Wq * Clv, q.dtype)
     xb, pix, wts, tys, txs = _row_buffers(off, s, q.dtype)
-    o = np.empty(4, np.uint64)
-    w = np.empty(4, q.dtype)
-    f = np.empty(4, q.dtype)
+    o = np.empty(8, np.uint64)
+    w = np.empty(8, q.dtype)
+    f = np.empty(8, q.dtype)
     e = np.empty(P, q.dtype)
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
         b, i = bi // Hq, bi % Hq
@@ -352,10 +383,16 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
         for j in range(Wq):
             for g in range(G):
                 qo = _U(j * Clk + g * d)
-                for p in range(P):
-                    _corners(pix, wts, g * P + p, j, b * H * W, Clk, g * d, kf.size - Clk, o, w)
-                    _dots4(qr, qo, kf, o, _U(d), f)
+                for p in range(0, P - 1, 2):
+                    _corners(pix, wts, g * P + p, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
+                    _corners(pix, wts, g * P + p + 1, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 4)
+                    _dots8(qr, qo, kf, o, _U(d), f)
                     e[p] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
+                    e[p + 1] = w[4] * f[4] + w[5] * f[5] + w[6] * f[6] + w[7] * f[7]
+                if P % 2:
+                    _corners(pix, wts, g * P + P - 1, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
+                    _dots4(qr, qo, kf, o, _U(d), f)
+                    e[P - 1] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                 m = e[0]
                 for p in range(1, P):
                     m = max(m, e[p])
@@ -366,11 +403,19 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
                 lse[b, g, i, j] = m + np.log(tot)
                 inv = 1 / tot
                 ao = _U(j * Clv + g * Cg)
-                for p in range(P):
-                    _corners(pix, wts, g * P + p, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w)
-                    a = e[p] * inv
+                for p in range(0, P - 1, 2):
+                    _corners(pix, wts, g * P + p, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 0)
+                    _corners(pix, wts, g * P + p + 1, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 4)
+                    a0, a1 = e[p] * inv, e[p + 1] * inv
                     for c4 in range(4):
-                        w[c4] *= a
+                        w[c4] *= a0
+                        w[4 + c4] *= a1
+                    _axpy8(acc, ao, w, vf, o, _U(Cg))
+                if P % 2:
+                    _corners(pix, wts, g * P + P - 1, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 0)
+                    a0 = e[P - 1] * inv
+                    for c4 in range(4):
+                        w[c4] *= a0
                     _axpy4(acc, ao, w, vf, o, _U(Cg))
         _store_row(acc.reshape((Wq, Clv)), out, b, i)
 
