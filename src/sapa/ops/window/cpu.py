@@ -30,9 +30,9 @@ How the work is organised (numbers: B=2, C=256, d=32, 64x64 -> 128x128, K=5, flo
   A first channels-last design that transposed whole tensors with torch spent ~30 ms in the copies.
 * Parallelism: every kernel is a serial ``@njit(nogil=True)`` function of band ``t`` of ``nb`` bands
   of consecutive low-res rows, run on a thread pool by ``op.run_bands`` (a few bands per thread,
-  handed out dynamically). Rows are processed in order so that each low-res row is transposed once. Backward passes scatter dv / dk from each
-  cell row into a ring of K channels-last accumulator rows; a row is final (and written out) once
-  the cell rows r below it are done. Each band also processes the r cell rows on either side of it
+  handed out dynamically). Rows are processed in order so that each low-res row is transposed once.
+  Backward passes scatter dv / dk from each cell row into a ring of K channels-last accumulator
+  rows; a row is final (and written out) once the cell rows r below it are done. Each band also processes the r cell rows on either side of it
   (halo, recomputed: ~6% more work with 2 bands per thread at 64 rows per image) so that every row
   it writes is complete: no atomics, no races, no [B, K*K, H', W'] workspace, and results that do
   not depend on the number of threads (bitwise).

@@ -177,7 +177,8 @@ def window_similarity_bwd_cpu(grad: Tensor, q: Tensor, k: Tensor, kernel_size: i
     ct = compute_dtype(q.dtype)
     gq, gk = _new(q.shape, ct), _new(k.shape, ct)
     run_bands(cpu_kernels("window").similarity_bwd, k.shape[0] * k.shape[2], as_numpy(grad, ct),
-              as_numpy(q, ct), as_numpy(k, ct), kernel_size, scale_factor, gq.numpy(), gk.numpy(), per_thread=2)
+              as_numpy(q, ct), as_numpy(k, ct), kernel_size, scale_factor, gq.numpy(), gk.numpy(),
+              per_thread=2)
     return gq.to(q.dtype), gk.to(k.dtype)
 
 
