@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sapa list --run
+	$(VENV)/bin/sapa compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup

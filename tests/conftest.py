@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# The triton backend's kernels are checked on CPU through triton's interpreter. Triton reads the flag
+# when it (and each kernel) is first imported, so it must be set before anything imports triton,
+# i.e. here. It changes no automatic choice: the triton backend runs CPU tensors only when asked.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sapa import flags
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sapa import flags  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
