@@ -6,6 +6,10 @@ Timing: each case runs once untimed (warm-up: numba compilation or cache load, a
 ``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` runs the op on inputs that require grad and
 ``out.backward(grad)`` with a fixed random ``grad`` (gradients are cleared outside the timed region).
 
+Noise: each record carries ``loadavg_1m``, the machine's 1-minute load average when the case
+started; with load above the core count the two backends are slowed unequally (torch's OpenMP
+threads spin-wait on descheduled peers), so compare ratios measured at low load.
+
 Speed-up: ``speedup_vs_reference`` = median of the reference backend / median of this backend for
 the same op, placement and mode, measured in the same run on the same machine (1.0 for the
 reference itself; absent when the reference was not run).
@@ -277,6 +281,8 @@ def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("refe
                     if progress is not None:
                         progress(f"{op} {backend} {set_name} {pl.name} {mode}")
                     run = _make_runner(op, pl, backend, mode, dtype, seed)
+                    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy
+                        rec["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     times = time_case(run, repeats)
                     med = statistics.median(times)
                     rec.update(median_ms=round(med * 1e3, 3), min_ms=round(min(times) * 1e3, 3),
