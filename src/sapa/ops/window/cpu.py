@@ -40,7 +40,7 @@ How the work is organised (numbers: B=2, C=256, d=32, 64x64 -> 128x128, K=5, flo
 Specialisations: each kernel compiles once per float dtype (float32, float64; half precision is
 computed in float32 by op.py) for C-contiguous arrays; ints arrive as int64. ``cache=True`` keeps the
 machine code in __pycache__ (or NUMBA_CACHE_DIR) across processes. Cold compile of all twelve
-window + deform kernels in both dtypes: ~48 s on 2 busy cores (~1.4 s to load them from the cache);
+window + deform kernels in both dtypes: 41 s on one core (1.2 s to load them from the cache);
 with ``parallel=True``/prange it was ~90 s (parfor lowering added ~2 s per kernel and dtype).
 """
 from __future__ import annotations
