@@ -164,8 +164,19 @@ def choose_backend(op: str, *tensors, backend: str | None = None) -> str:
     raise RuntimeError(f"no backend can run {op}")  # unreachable: reference always accepts
 
 
+@torch.compiler.assume_constant_result
+def _choose_while_compiling(op: str, device_types: tuple[str, ...], backend: str | None) -> str:
+    # torch.compile cannot trace the ContextVar read in choose_backend; the choice depends only on
+    # the op, the devices and the settings, so it is made once here and frozen into the graph.
+    return choose_backend(op, *[torch.empty(0, device=d) for d in device_types], backend=backend)
+
+
 def get_impl(op: str, *tensors, backend: str | None = None) -> tuple[str, Callable]:
-    name = choose_backend(op, *tensors, backend=backend)
+    if torch.compiler.is_compiling():
+        devices = tuple(sorted({t.device.type for t in tensors if isinstance(t, torch.Tensor)}))
+        name = _choose_while_compiling(op, devices, backend)
+    else:
+        name = choose_backend(op, *tensors, backend=backend)
     impl = _load(op, name)
     assert impl is not None
     return name, impl

@@ -147,16 +147,16 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_of_the_sapa_modules():
-    """A SAPA-B / SAPA-D module compiled as a whole. ``sapa.functional``'s backend dispatch reads a
-    ContextVar (use_backend), which dynamo cannot trace yet, so this allows graph breaks there and
-    only checks values and gradients; the custom ops themselves are covered by the fullgraph test."""
+    """A SAPA-B / SAPA-D module compiled as a whole with fullgraph=True: the backend dispatch in
+    ``sapa.functional`` is resolved once while compiling (backends._choose_while_compiling), so
+    the module traces without a graph break; values and gradients equal eager."""
     from sapa.registry import build_upsampler
 
     torch._dynamo.reset()
     for name in ("sapa_b", "sapa_d"):
         up = build_upsampler(name, 32)
         x, y = torch.randn(1, 32, 4, 5), torch.randn(1, 32, 8, 10)
-        compiled = torch.compile(up, backend="aot_eager")
+        compiled = torch.compile(up, backend="aot_eager", fullgraph=True)
         out = compiled(x, y)
         assert torch.allclose(out, up(x, y), rtol=1e-5, atol=1e-6)
         out.square().mean().backward()

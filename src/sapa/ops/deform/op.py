@@ -273,3 +273,60 @@ def sapa_deform_cpu(q, k, v, offset, num_points, groups, scale_factor):
 
 # ============================================================================== triton backend
 # (added by the GPU work: sapa::<op>_fwd_triton / _bwd_triton and @register_impl(..., "triton"))
+# Only the fused op has triton kernels (it is what SAPA-D runs); deform_similarity and
+# deform_reassemble on CUDA fall back to the reference (grid_sample), with the reason logged.
+
+
+def _tk():
+    from . import triton as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("sapa::sapa_deform_fwd_triton", mutates_args=())
+def sapa_deform_fwd_triton(q: Tensor, k: Tensor, v: Tensor, offset: Tensor, num_points: int, groups: int,
+                           scale_factor: int) -> tuple[Tensor, Tensor]:
+    return _tk().sapa_deform_fwd(q, k, v, offset, num_points, groups, scale_factor)
+
+
+@sapa_deform_fwd_triton.register_fake
+def _(q, k, v, offset, num_points, groups, scale_factor):
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    stat = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return v.new_empty((B, C, Hq, Wq)), v.new_empty((B, groups, Hq, Wq), dtype=stat)
+
+
+@torch.library.custom_op("sapa::sapa_deform_bwd_triton", mutates_args=())
+def sapa_deform_bwd_triton(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, offset: Tensor, out: Tensor,
+                           lse: Tensor, num_points: int, groups: int,
+                           scale_factor: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _tk().sapa_deform_bwd(grad, q, k, v, offset, out, lse, num_points, groups, scale_factor)
+
+
+@sapa_deform_bwd_triton.register_fake
+def _(grad, q, k, v, offset, out, lse, num_points, groups, scale_factor):
+    cf = torch.contiguous_format
+    return tuple(torch.empty_like(t, memory_format=cf) for t in (q, k, v, offset))
+
+
+def _sapa_deform_setup_triton(ctx, inputs, output):
+    q, k, v, offset, ctx.P, ctx.G, ctx.s = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, offset, out, lse)
+
+
+def _sapa_deform_backward_triton(ctx, grad, _grad_lse):
+    q, k, v, offset, out, lse = ctx.saved_tensors
+    gq, gk, gv, go = torch.ops.sapa.sapa_deform_bwd_triton(grad, q, k, v, offset, out, lse, ctx.P, ctx.G, ctx.s)
+    return gq, gk, gv, go, None, None, None
+
+
+torch.library.register_autograd("sapa::sapa_deform_fwd_triton", _sapa_deform_backward_triton,
+                                setup_context=_sapa_deform_setup_triton)
+
+
+@register_impl("sapa_deform", "triton")
+def sapa_deform_triton(q, k, v, offset, num_points, groups, scale_factor):
+    return torch.ops.sapa.sapa_deform_fwd_triton(q, k, v, offset, num_points, groups, scale_factor)[0]

@@ -330,3 +330,139 @@ def sapa_cpu(q, k, v, kernel_size, scale_factor):
 
 # ============================================================================== triton backend
 # (added by the GPU work: sapa::<op>_fwd_triton / _bwd_triton and @register_impl(..., "triton"))
+# Kernels in triton.py, imported on first call (importing triton is slow and, on CPU, must follow
+# TRITON_INTERPRET). device_types is left open: CUDA tensors normally, CPU tensors under the
+# interpreter (sapa.backends only routes CPU tensors here when asked explicitly).
+
+
+def _tk():
+    from . import triton as kernels
+
+    return kernels
+
+
+def _contig(*ts: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+@torch.library.custom_op("sapa::window_similarity_fwd_triton", mutates_args=())
+def window_similarity_fwd_triton(q: Tensor, k: Tensor, kernel_size: int, scale_factor: int) -> Tensor:
+    return _tk().similarity_fwd(q, k, kernel_size, scale_factor)
+
+
+@window_similarity_fwd_triton.register_fake
+def _(q, k, kernel_size, scale_factor):
+    return q.new_empty((q.shape[0], kernel_size * kernel_size, q.shape[2], q.shape[3]))
+
+
+@torch.library.custom_op("sapa::window_similarity_bwd_triton", mutates_args=())
+def window_similarity_bwd_triton(grad: Tensor, q: Tensor, k: Tensor, kernel_size: int,
+                                 scale_factor: int) -> tuple[Tensor, Tensor]:
+    return _tk().similarity_bwd(grad, q, k, kernel_size, scale_factor)
+
+
+@window_similarity_bwd_triton.register_fake
+def _(grad, q, k, kernel_size, scale_factor):
+    cf = torch.contiguous_format
+    return torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf)
+
+
+def _similarity_backward_triton(ctx, grad):
+    q, k = ctx.saved_tensors
+    gq, gk = torch.ops.sapa.window_similarity_bwd_triton(grad, q, k, ctx.K, ctx.s)
+    return gq, gk, None, None
+
+
+torch.library.register_autograd("sapa::window_similarity_fwd_triton", _similarity_backward_triton,
+                                setup_context=_similarity_setup)
+
+
+@torch.library.custom_op("sapa::reassemble_fwd_triton", mutates_args=())
+def reassemble_fwd_triton(weights: Tensor, v: Tensor, kernel_size: int, scale_factor: int,
+                          groups: int) -> Tensor:
+    return _tk().reassemble_fwd(weights, v, kernel_size, scale_factor, groups)
+
+
+@reassemble_fwd_triton.register_fake
+def _(weights, v, kernel_size, scale_factor, groups):
+    return v.new_empty((v.shape[0], v.shape[1], weights.shape[2], weights.shape[3]))
+
+
+@torch.library.custom_op("sapa::reassemble_bwd_triton", mutates_args=())
+def reassemble_bwd_triton(grad: Tensor, weights: Tensor, v: Tensor, kernel_size: int, scale_factor: int,
+                          groups: int) -> tuple[Tensor, Tensor]:
+    return _tk().reassemble_bwd(grad, weights, v, kernel_size, scale_factor, groups)
+
+
+@reassemble_bwd_triton.register_fake
+def _(grad, weights, v, kernel_size, scale_factor, groups):
+    cf = torch.contiguous_format
+    return torch.empty_like(weights, memory_format=cf), torch.empty_like(v, memory_format=cf)
+
+
+def _reassemble_backward_triton(ctx, grad):
+    weights, v = ctx.saved_tensors
+    gw, gv = torch.ops.sapa.reassemble_bwd_triton(grad, weights, v, ctx.K, ctx.s, ctx.G)
+    return gw, gv, None, None, None
+
+
+torch.library.register_autograd("sapa::reassemble_fwd_triton", _reassemble_backward_triton,
+                                setup_context=_reassemble_setup)
+
+
+@torch.library.custom_op("sapa::sapa_fwd_triton", mutates_args=())
+def sapa_fwd_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int,
+                    scale_factor: int) -> tuple[Tensor, Tensor]:
+    return _tk().sapa_fwd(q, k, v, kernel_size, scale_factor)
+
+
+@sapa_fwd_triton.register_fake
+def _(q, k, v, kernel_size, scale_factor):
+    B, C = v.shape[:2]
+    Hq, Wq = q.shape[-2:]
+    stat = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return v.new_empty((B, C, Hq, Wq)), v.new_empty((B, Hq, Wq), dtype=stat)
+
+
+@torch.library.custom_op("sapa::sapa_bwd_triton", mutates_args=())
+def sapa_bwd_triton(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
+                    scale_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _tk().sapa_bwd(grad, q, k, v, out, lse, kernel_size, scale_factor)
+
+
+@sapa_bwd_triton.register_fake
+def _(grad, q, k, v, out, lse, kernel_size, scale_factor):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf))
+
+
+def _sapa_setup_triton(ctx, inputs, output):
+    q, k, v, ctx.K, ctx.s = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _sapa_backward_triton(ctx, grad, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    gq, gk, gv = torch.ops.sapa.sapa_bwd_triton(grad, q, k, v, out, lse, ctx.K, ctx.s)
+    return gq, gk, gv, None, None
+
+
+torch.library.register_autograd("sapa::sapa_fwd_triton", _sapa_backward_triton, setup_context=_sapa_setup_triton)
+
+
+@register_impl("window_similarity", "triton")
+def window_similarity_triton(q, k, kernel_size, scale_factor):
+    return torch.ops.sapa.window_similarity_fwd_triton(q, k, kernel_size, scale_factor)
+
+
+@register_impl("reassemble", "triton")
+def reassemble_triton(weights, v, kernel_size, scale_factor, groups):
+    return torch.ops.sapa.reassemble_fwd_triton(weights, v, kernel_size, scale_factor, groups)
+
+
+@register_impl("sapa", "triton")
+def sapa_triton(q, k, v, kernel_size, scale_factor):
+    return torch.ops.sapa.sapa_fwd_triton(q, k, v, kernel_size, scale_factor)[0]
