@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..window.triton import _dot_window as _gdot  # the same d-long dot per pixel
+
 
 def _np2(n: int, lo: int = 16, hi: int = 256) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
@@ -54,21 +56,6 @@ def _corners(off_ptr, ob, osc, o_pix, g, pt, P, li, lj, H, W, mask_p, ACC: tl.co
     m10 = mask_p & vy1 & vx0
     m11 = mask_p & vy1 & vx1
     return y0, x0, y1, x1, ly, lx, m00, m01, m10, m11
-
-
-@triton.jit
-def _gdot(a_ptr, a_base, a_sc, a_off, b_ptr, b_base, b_sc, b_off, mask_a, mask_b, n,
-          BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    acc = tl.zeros([BLOCK_P], dtype=ACC)
-    for c0 in range(0, n, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        mc = offs < n
-        at = tl.load(a_ptr + a_base + offs[:, None] * a_sc + a_off[None, :],
-                     mask=mc[:, None] & mask_a[None, :], other=0.0).to(ACC)
-        bt = tl.load(b_ptr + b_base + offs[:, None] * b_sc + b_off[None, :],
-                     mask=mc[:, None] & mask_b[None, :], other=0.0).to(ACC)
-        acc += tl.sum(at * bt, axis=0)
-    return acc
 
 
 @triton.jit
