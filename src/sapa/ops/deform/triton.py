@@ -24,11 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..window.triton import BLOCK_P, _acc, _grid, _np2
 from ..window.triton import _dot_window as _gdot  # the same d-long dot per pixel
-
-
-def _np2(n: int, lo: int = 16, hi: int = 256) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+from ..window.triton import _stat_dtype as _acc_torch
 
 
 @triton.jit
@@ -232,21 +230,8 @@ def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_
 
 
 # ----------------------------------------------------------------------------------------------------
-# launchers
+# launchers (block sizes, grid and accumulation dtype shared with the window kernels)
 # ----------------------------------------------------------------------------------------------------
-BLOCK_P = 32
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _grid(n_pix: int, *rest: int):
-    return (triton.cdiv(max(n_pix, 1), BLOCK_P), *rest)
 
 
 def sapa_deform_fwd(q, k, v, offset, P: int, G: int, S: int):
@@ -286,5 +271,5 @@ def sapa_deform_bwd(grad_out, q, k, v, offset, out, lse, P: int, G: int, S: int)
         _sapa_deform_bwd_kernel[_grid(Hq * Wq, G, B)](
             q, k, v, offset, grad_out, lse, delta, dq, dk, dv, doff, DG, CG, H, W, Hq, Wq, P, G,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *offset.stride(),
-            S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=_np2(DG), BLOCK_C=_np2(CG, hi=64))
+            S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=_np2(DG, hi=256), BLOCK_C=_np2(CG, hi=64))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), doff.to(offset.dtype)
