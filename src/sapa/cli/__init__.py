@@ -25,6 +25,23 @@ def _version() -> str:
     return __version__
 
 
+def _arm_hang_dump() -> None:
+    """``SAPA_TRACEBACK_AFTER=SECONDS``: if the command is still running after that long, print
+    every thread's Python stack to stderr (and again every SECONDS); for diagnosing a hung run,
+    e.g. one rank of a torchrun job. The command itself goes on."""
+    import os
+    value = os.environ.get("SAPA_TRACEBACK_AFTER")
+    if not value:
+        return
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"SAPA_TRACEBACK_AFTER must be a number of seconds, got {value!r}") from None
+    if seconds > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -32,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _arm_hang_dump()
         rc = args.func(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

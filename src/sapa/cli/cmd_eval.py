@@ -25,15 +25,17 @@ def run(args) -> int:
 
     dilation = args.dilation if args.dilation < 1 else int(args.dilation)
     info = None
+    ok = False
     try:
         from ..engine.checkpoint import load_checkpoint
         from ..engine.config import Config
         cfg = Config.from_dict(load_checkpoint(args.checkpoint)["config"])
         info = init_distributed(cfg.train.device)
         res = evaluate_checkpoint(args.checkpoint, args.overrides, info, dilation=dilation)
+        ok = True
     finally:
         if info is not None:
-            cleanup(info)
+            cleanup(info, ok)
     if not info.is_main:
         return 0
     if not args.per_class:

@@ -66,6 +66,7 @@ def run(args) -> int:
         print(format_config(cfg))
         return 0
     info = init_distributed(cfg.train.device)
+    ok = False
     try:
         trainer = Trainer(cfg, resume=resume, dist=info)
         out = trainer.fit()
@@ -78,7 +79,8 @@ def run(args) -> int:
                 msg += f"; last eval: {shown}"
             if best.get("value") is not None:
                 msg += f"; best {best['metric']} {best['value']:.4f} at {best['iteration']}"
-            print(msg)
+            print(msg, flush=True)
+        ok = True
     finally:
-        cleanup(info)
+        cleanup(info, ok)
     return 0

@@ -50,9 +50,37 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, True)
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.initialized_here and dist.is_initialized():
+def cleanup(info: DistInfo, ok: bool = True, timeout: float = 60.0) -> None:
+    """Leave the process group joined by :func:`init_distributed`.
+
+    After a successful run (``ok``) every rank meets at a barrier first, then destroys the group.
+    ``destroy_process_group`` can hang now and then when ranks reach it at different times
+    (pytorch/pytorch#75097); so it runs on a helper thread, and if it has not returned after
+    ``timeout`` seconds this process says so on stderr and exits at once with status 0: every
+    output file is complete by then (checkpoints are written atomically, logs are closed).
+    After a failure (``ok=False``) the group is left alone: another rank may still wait in a
+    collective, destroying would deadlock, and torchrun tears the workers down anyway."""
+    if not (info.initialized_here and dist.is_initialized()):
+        return
+    if not ok:
+        return
+    import sys
+    import threading
+
+    dist.barrier()
+    done = threading.Event()
+
+    def _destroy():
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=_destroy, name="sapa-destroy-pg", daemon=True).start()
+    if not done.wait(timeout):
+        print(f"sapa: rank {info.rank}: destroy_process_group did not return within {timeout:.0f} s; "
+              f"the run is complete, exiting without it", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def barrier() -> None:
