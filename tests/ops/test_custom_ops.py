@@ -37,7 +37,7 @@ def _cases(dtype=F64, grad=True):
     G, P = 2, 3
     qd, kd, vd, off = r(2, 4, *hq), r(2, 4, 4, 3), r(2, 4, 4, 3), _off(2, G, P, hq, dtype, grad)
     wd = r(2, G, P, *hq)
-    lsed = ops.sapa_deform_fwd_cpu(qd.detach(), kd.detach(), vd.detach(), off.detach(), P, G, 2)[1]
+    savedd = ops.sapa_deform_fwd_cpu(qd.detach(), kd.detach(), vd.detach(), off.detach(), P, G, 2)[1:]
     g4, gd = r(2, 4, *hq, grad=False), r(2, 4, *hq, grad=False)
     return [
         ("window_similarity_fwd", ops.window_similarity_fwd_cpu.default, (q, k, 3, 2)),
@@ -52,7 +52,7 @@ def _cases(dtype=F64, grad=True):
         ("deform_reassemble_fwd", ops.deform_reassemble_fwd_cpu.default, (wd, vd, off, P, G, 2)),
         ("deform_reassemble_bwd", ops.deform_reassemble_bwd_cpu.default, (gd, wd, vd, off, P, G, 2)),
         ("sapa_deform_fwd", ops.sapa_deform_fwd_cpu.default, (qd, kd, vd, off, P, G, 2)),
-        ("sapa_deform_bwd", ops.sapa_deform_bwd_cpu.default, (gd, qd, kd, vd, off, lsed, P, G, 2)),
+        ("sapa_deform_bwd", ops.sapa_deform_bwd_cpu.default, (gd, qd, kd, vd, off, *savedd, P, G, 2)),
     ]
 
 

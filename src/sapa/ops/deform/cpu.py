@@ -6,7 +6,7 @@ thread pool by ``op.run_bands``.
 Layouts. High-res tensors keep the caller's NCHW layout (no whole-tensor copies of the big ones):
 
     q  [B, G*d, H', W']    off [B, 2*G*P, H', W']    out [B, C, H', W']
-    wp [B, G, P, H', W']   (logits / kernels)        lse [B, G, H', W']
+    wp [B, G, P, H', W']   (logits / kernels)        sv [B*H'*W'*G*P*3] (fused op: saved per point)
 
 Low-res tensors are read at data-dependent positions, one channel vector per bilinear corner, so
 they are copied channels-last into flat arrays (``to_cl``; channel stride C + _PAD, plus a zero
@@ -28,11 +28,13 @@ one channels-last buffer per band for just those rows, and ``band_reduce`` sums 
 NCHW dk / dv. Memory ~|k| + |v| plus halos (not threads x |k|); deterministic for a given number of
 threads (the reduction order depends on the bands).
 
-Measured (B=2, C=256, G=4, P=9, d=32, 64x64 -> 128x128, float32, one thread): fused forward 47 ms,
-backward 130 ms with offsets ~ N(0, 1.5^2) (39 / 107 ms with zero offsets: the corners' cache
-misses cost ~20%); the grid_sample reference takes ~300 / ~750 ms forward / forward+backward on
-2 threads. What the time goes to: ~100 cycles per sampled point in the forward, spread over
-the geometry, four 32- and 64-channel corner loops (short: fixed costs dominate) and the exp.
+Measured (B=2, C=256, G=4, P=9, d=32, 64x64 -> 128x128, float32, offsets ~ N(0, 1.5^2), kernels
+alone on preallocated outputs): fused forward 45 ms on one thread, 24.5 ms on two; backward 75 / 40
+ms. The grid_sample reference takes ~320 / ~800 ms forward / forward+backward on two threads.
+Where the backward's time goes (one thread, by deleting one loop at a time): the dv scatter 23 ms,
+the v dots 15, the dk scatter 14, dq 12, everything else (geometry, row transposes, corners) 18.
+The scatters are bound by memory, not arithmetic: 1-, 2- and 4-corner loop variants time the same.
+"""
 """
 from __future__ import annotations
 
@@ -43,7 +45,11 @@ from numba import njit
 # outside-the-map test must stay exact for NaN/inf offsets, or a NaN coordinate becomes an index.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, fastmath=_FAST, cache=True)
-_INLINE = dict(fastmath=_FAST, cache=True)
+# Helpers are inlined at numba-IR level: left to LLVM, the deform kernels' helpers were not inlined,
+# and the fused backward ran at 135-145 ms instead of 75 ms on one thread (forward 49 -> 45 ms).
+# Cost: the cold compile of the deform tests takes 69 s instead of 54 s (window/cpu.py, where LLVM
+# does inline, keeps the default).
+_INLINE = dict(fastmath=_FAST, cache=True, inline="always")
 # spare channels in the channels-last row buffers: a 1 KB row stride (C = 256 floats) maps the
 # strided transposes onto 4 of L1's 64 sets (see window/cpu.py, where padding halved that cost)
 _PAD = 16
@@ -186,32 +192,19 @@ def _axpy4(dst, do, w, lo, o, n):
 
 
 @njit(**_INLINE)
-def _scatter4(a, ao, scale, w, buf, o, n):
-    """buf[o[m] + c] += scale * w[m] * a[ao + c] for the 4 corners."""
-    w0, w1, w2, w3 = scale * w[0], scale * w[1], scale * w[2], scale * w[3]
-    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+def _acc1(buf, bo, wm, a, ao, n):
+    """buf[bo + c] += wm * a[ao + c]: one corner's scatter. One store stream per loop: with 4 or 5
+    (the corners and dq together) LLVM's runtime alias checks exceed their budget and the loop is
+    left scalar; measured, 4 single-corner loops of 32 channels run ~5x faster than one 4-corner loop."""
     for c in range(n):
-        e = a[ao + c]
-        buf[o0 + c] += w0 * e
-        buf[o1 + c] += w1 * e
-        buf[o2 + c] += w2 * e
-        buf[o3 + c] += w3 * e
+        buf[bo + c] += wm * a[ao + c]
 
 
 @njit(**_INLINE)
-def _axpy_scatter4(dst, do, w, lo, o, a, buf, ob, n):
-    """dst[do + c] += sum_m w[m] lo[o[m] + c] and buf[ob[m] + c] += w[m] a[do + c] in one pass
-    (dq and dk of one point: same weights, same channels)."""
-    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
-    for c in range(n):
-        e = a[do + c]
-        dst[do + c] += w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
-        buf[b0 + c] += w0 * e
-        buf[b1 + c] += w1 * e
-        buf[b2 + c] += w2 * e
-        buf[b3 + c] += w3 * e
+def _scatter(a, ao, scale, w, buf, o, n, at=0):
+    """buf[o[at + m] + c] += scale * w[at + m] * a[ao + c] for the 4 corners m (4 loops)."""
+    for m in range(at, at + 4):
+        _acc1(buf, o[m], scale * w[m], a, ao, n)
 
 
 @njit(**_INLINE)
@@ -242,7 +235,8 @@ def _row_buffers(off, s, dtype):
 @njit(nogil=True, cache=True)
 def to_cl(t, nb, x, Cl, out):
     """Flat channels-last copy: out[((b*H + y)*W + xx)*Cl + c] = x[b, c, y, xx] (channel stride Cl =
-    C + _PAD; op.py zeroes the tail of Cl entries that outside corners read)."""
+    C + _PAD; the spare channels are zeroed; op.py zeroes the tail of Cl entries that outside corners
+    read)."""
     B, C, H, W = x.shape
     for by in range(t * (B * H) // nb, (t + 1) * (B * H) // nb):
         b, y = by // H, by % H
@@ -250,6 +244,9 @@ def to_cl(t, nb, x, Cl, out):
             row = x[b, c, y]
             for xx in range(W):
                 out[(by * W + xx) * Cl + c] = row[xx]
+        for xx in range(W):
+            for c in range(C, Cl):
+                out[(by * W + xx) * Cl + c] = 0
 
 
 # ------------------------------------------------------------------------------------ similarity
@@ -307,7 +304,8 @@ def similarity_bwd(t, nb, gl, q, kf, H, W, off, P, G, s, band_lo, band_base, gq,
                     _dots4(qr, qo, kf, o, _U(d), f)
                     for m in range(4):
                         w[m] *= a
-                    _axpy_scatter4(gqr, qo, w, kf, o, qr, gkb, ob, _U(d))
+                    _axpy4(gqr, qo, w, kf, o, _U(d))
+                    _scatter(qr, qo, q.dtype.type(1), w, gkb, ob, _U(d))
                     dx, dy = _dxy(f, tys[gp, j], txs[gp, j])
                     gor[j, 2 * gp] = a * dx
                     gor[j, 2 * gp + 1] = a * dy
@@ -368,7 +366,7 @@ def reassemble_bwd(t, nb, go, wp, vf, H, W, off, P, G, s, band_lo, band_base, gw
                     _dots4(gr, go_, vf, o, _U(Cg), f)
                     gw[b, g, p, i, j] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                     _corners(pix, wts, gp, j, bbase + b * H * W, Cl, g * Cg, gvb.size - Cl, ob, w)
-                    _scatter4(gr, go_, a, w, gvb, ob, _U(Cg))
+                    _scatter(gr, go_, a, w, gvb, ob, _U(Cg))
                     dx, dy = _dxy(f, tys[gp, j], txs[gp, j])
                     gor[j, 2 * gp] = a * dx
                     gor[j, 2 * gp + 1] = a * dy
@@ -377,10 +375,13 @@ def reassemble_bwd(t, nb, go, wp, vf, H, W, off, P, G, s, band_lo, band_base, gw
 
 # ------------------------------------------------------------------------------------ fused SAPA-D
 # Per output pixel and group: P logits from the 4 bilinear corners of each point, max-subtracted
-# softmax over P, weighted sum of the sampled values; saves only lse [B, G, H', W']. 47 ms on one
-# core (two points per channel loop: 50 -> 47 ms); 38 ms on two, 8x the grid_sample reference.
+# softmax over P, weighted sum of the sampled values. Saved for the backward, per point (flat
+# sv[(((b*H' + i)*W' + j)*G + g)*P + p)*3 + 0..2]): the probability and the logit's slopes along x
+# and y (from the 4 corner dots the forward has anyway): 3*G*P values per output pixel (14 MB at
+# the benchmark shape, where the output is 34 MB), nothing proportional to C. With them the
+# backward does not recompute the logits (a third of its point loops). Two points per channel loop.
 @njit(**_JIT)
-def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
+def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, sv):
     B, Cq, Hq, Wq = q.shape
     C = out.shape[1]
     d, Cg, Clk, Clv = Cq // G, C // G, Cq + _PAD, C + _PAD
@@ -391,6 +392,7 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
     w = np.empty(8, q.dtype)
     f = np.empty(8, q.dtype)
     e = np.empty(P, q.dtype)
+    one = q.dtype.type(1)
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
         b, i = bi // Hq, bi % Hq
         _load_row(q, b, i, qr.reshape((Wq, Clk)))
@@ -399,16 +401,25 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
         for j in range(Wq):
             for g in range(G):
                 qo = _U(j * Clk + g * d)
+                so = ((bi * Wq + j) * G + g) * P * 3
                 for p in range(0, P - 1, 2):
-                    _corners(pix, wts, g * P + p, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
-                    _corners(pix, wts, g * P + p + 1, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 4)
+                    gp = g * P + p
+                    _corners(pix, wts, gp, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
+                    _corners(pix, wts, gp + 1, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 4)
                     _dots8(qr, qo, kf, o, _U(d), f)
                     e[p] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                     e[p + 1] = w[4] * f[4] + w[5] * f[5] + w[6] * f[6] + w[7] * f[7]
+                    sv[so + 3 * p + 1], sv[so + 3 * p + 2] = _dxy4(f[0], f[1], f[2], f[3], tys[gp, j],
+                                                                   txs[gp, j], one)
+                    sv[so + 3 * p + 4], sv[so + 3 * p + 5] = _dxy4(f[4], f[5], f[6], f[7], tys[gp + 1, j],
+                                                                   txs[gp + 1, j], one)
                 if P % 2:
-                    _corners(pix, wts, g * P + P - 1, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
+                    gp = g * P + P - 1
+                    _corners(pix, wts, gp, j, b * H * W, Clk, g * d, kf.size - Clk, o, w, 0)
                     _dots4(qr, qo, kf, o, _U(d), f)
                     e[P - 1] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
+                    sv[so + 3 * P - 2], sv[so + 3 * P - 1] = _dxy4(f[0], f[1], f[2], f[3], tys[gp, j],
+                                                                   txs[gp, j], one)
                 m = e[0]
                 for p in range(1, P):
                     m = max(m, e[p])
@@ -416,34 +427,34 @@ def sapa_fwd(t, nb, q, kf, vf, H, W, off, P, G, s, out, lse):
                 for p in range(P):
                     e[p] = np.exp(e[p] - m)
                     tot += e[p]
-                lse[b, g, i, j] = m + np.log(tot)
                 inv = 1 / tot
+                for p in range(P):
+                    e[p] *= inv
+                    sv[so + 3 * p] = e[p]
                 ao = _U(j * Clv + g * Cg)
                 for p in range(0, P - 1, 2):
                     _corners(pix, wts, g * P + p, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 0)
                     _corners(pix, wts, g * P + p + 1, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 4)
-                    a0, a1 = e[p] * inv, e[p + 1] * inv
+                    a0, a1 = e[p], e[p + 1]
                     for c4 in range(4):
                         w[c4] *= a0
                         w[4 + c4] *= a1
                     _axpy8(acc, ao, w, vf, o, _U(Cg))
                 if P % 2:
                     _corners(pix, wts, g * P + P - 1, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w, 0)
-                    a0 = e[P - 1] * inv
+                    a0 = e[P - 1]
                     for c4 in range(4):
                         w[c4] *= a0
                     _axpy4(acc, ao, w, vf, o, _U(Cg))
         _store_row(acc.reshape((Wq, Clv)), out, b, i)
 
 
-# Backward recomputes the logits from lse: prob_p = exp(logit_p - lse) (renormalised). Three
-# passes over the P points of a (pixel, group): k corners -> logits and the corner dots for the
-# offset gradient; v corners -> dp_p = <go, sampled v_p> and the dv scatter prob_p w_m go (one loop
-# doing both ran 20% slower than two: the reduction and the stores no longer vectorised together);
-# k corners again -> dq and dk with dlogit_p = prob_p (dp_p - sum prob dp). 130-140 ms on one core;
-# forward+backward 121 ms on two, 6x the reference's 750 ms (below the 10x aimed at).
+# Backward from the saved probabilities and logit slopes. Two passes over the P points of a
+# (pixel, group), two points per channel loop: v corners -> dp_p = <go, sampled v_p>, the value
+# slopes for the offset gradient and the dv scatter prob_p w_m go; k corners -> dq and dk with
+# dlogit_p = prob_p (dp_p - sum prob dp).
 @njit(**_JIT)
-def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, lse, P, G, s, band_lo, band_base, gq, goff, gkb, gvb):
+def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, sv, P, G, s, band_lo, band_base, gq, goff, gkb, gvb):
     B, Cq, Hq, Wq = q.shape
     C = go.shape[1]
     d, Cg, Clk, Clv = Cq // G, C // G, Cq + _PAD, C + _PAD
@@ -452,15 +463,13 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, lse, P, G, s, band_lo, band_base, 
     gr = np.empty(Wq * Clv, q.dtype)
     gor = np.empty((Wq, off.shape[1]), q.dtype)
     xb, pix, wts, tys, txs = _row_buffers(off, s, q.dtype)
-    # per-point corner data in flat arrays indexed 4*p + m (no row views in the point loops)
-    fk = np.empty(4 * P, q.dtype)
-    fv = np.empty(4 * P, q.dtype)
-    f4 = np.empty(4, q.dtype)
-    o4 = np.empty(4, np.uint64)
-    ob = np.empty(4, np.uint64)
-    w = np.empty(4, q.dtype)
-    prob = np.empty(P, q.dtype)
+    f = np.empty(8, q.dtype)
+    o = np.empty(8, np.uint64)
+    ob = np.empty(8, np.uint64)
+    w = np.empty(8, q.dtype)
     dp = np.empty(P, q.dtype)
+    vx = np.empty(P, q.dtype)
+    vy = np.empty(P, q.dtype)
     one = q.dtype.type(1)
     bbase = (band_base[t] - band_lo[t]) * W
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
@@ -473,43 +482,30 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, lse, P, G, s, band_lo, band_base, 
             for g in range(G):
                 qo = _U(j * Clk + g * d)
                 go_ = _U(j * Clv + g * Cg)
-                L = lse[b, g, i, j]
-                tot = q.dtype.type(0)
-                for p in range(P):
-                    _corners(pix, wts, g * P + p, j, b * H * W, Clk, g * d, kf.size - Clk, o4, w)
-                    _dots4(qr, qo, kf, o4, _U(d), f4)
-                    lg = w[0] * f4[0] + w[1] * f4[1] + w[2] * f4[2] + w[3] * f4[3]
-                    for m in range(4):
-                        fk[4 * p + m] = f4[m]
-                    prob[p] = np.exp(lg - L)
-                    tot += prob[p]
-                # renormalised: lse is rounded at the logits' magnitude (see window/cpu.py _probs)
-                inv = 1 / tot
+                so = ((bi * Wq + j) * G + g) * P * 3
                 delta = q.dtype.type(0)
                 for p in range(P):
                     gp = g * P + p
-                    prob[p] *= inv
+                    pr = sv[so + 3 * p]
                     _corners(pix, wts, gp, j, bbase + b * H * W, Clv, g * Cg, gvb.size - Clv, ob, w)
-                    _corners(pix, wts, gp, j, b * H * W, Clv, g * Cg, vf.size - Clv, o4, w)
-                    _dots4(gr, go_, vf, o4, _U(Cg), f4)
-                    _scatter4(gr, go_, prob[p], w, gvb, ob, _U(Cg))
-                    dp[p] = w[0] * f4[0] + w[1] * f4[1] + w[2] * f4[2] + w[3] * f4[3]
-                    for m in range(4):
-                        fv[4 * p + m] = f4[m]
-                    delta += prob[p] * dp[p]
+                    _corners(pix, wts, gp, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w)
+                    _dots4(gr, go_, vf, o, _U(Cg), f)
+                    _scatter(gr, go_, pr, w, gvb, ob, _U(Cg))
+                    dp[p] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
+                    vx[p], vy[p] = _dxy4(f[0], f[1], f[2], f[3], tys[gp, j], txs[gp, j], one)
+                    delta += pr * dp[p]
                 for p in range(P):
                     gp = g * P + p
-                    dl = prob[p] * (dp[p] - delta)
+                    pr = sv[so + 3 * p]
+                    dl = pr * (dp[p] - delta)
                     _corners(pix, wts, gp, j, bbase + b * H * W, Clk, g * d, gkb.size - Clk, ob, w)
-                    _corners(pix, wts, gp, j, b * H * W, Clk, g * d, kf.size - Clk, o4, w)
+                    _corners(pix, wts, gp, j, b * H * W, Clk, g * d, kf.size - Clk, o, w)
                     for m in range(4):
                         w[m] *= dl
-                    _axpy_scatter4(gqr, qo, w, kf, o4, qr, gkb, ob, _U(d))
-                    ty, tx = tys[gp, j], txs[gp, j]
-                    kx, ky = _dxy4(fk[4 * p], fk[4 * p + 1], fk[4 * p + 2], fk[4 * p + 3], ty, tx, one)
-                    vx, vy = _dxy4(fv[4 * p], fv[4 * p + 1], fv[4 * p + 2], fv[4 * p + 3], ty, tx, one)
-                    gor[j, 2 * gp] = dl * kx + prob[p] * vx
-                    gor[j, 2 * gp + 1] = dl * ky + prob[p] * vy
+                    _axpy4(gqr, qo, w, kf, o, _U(d))
+                    _scatter(qr, qo, q.dtype.type(1), w, gkb, ob, _U(d))
+                    gor[j, 2 * gp] = dl * sv[so + 3 * p + 1] + pr * vx[p]
+                    gor[j, 2 * gp + 1] = dl * sv[so + 3 * p + 2] + pr * vy[p]
         _store_row(gqr.reshape((Wq, Clk)), gq, b, i)
         _store_row(gor, goff, b, i)
 
