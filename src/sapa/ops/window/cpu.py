@@ -52,9 +52,11 @@ from numba import njit
 # speed; keeping inf/NaN semantics lets NaN inputs propagate as they do in the reference.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, fastmath=_FAST, cache=True)
-# helpers are compiled once and inlined by LLVM; numba-IR inlining (inline="always") made the cold
-# compile of the test suite's kernels 35% slower for no measurable run-time gain
-_HELPER = dict(fastmath=_FAST, cache=True)
+# helpers are inlined at numba-IR level (inline="always"). Left to LLVM they were not always inlined:
+# measured by `sapa bench --quick --ops sapa` on 2 threads, the fused forward took 12.6-13.1 ms
+# without and 8.7-9.0 ms with (fwd+bwd 29-31 -> 25-27 ms). The cold compile is slower (see
+# ops/deform/cpu.py, where the backward ran 1.8x faster).
+_HELPER = dict(fastmath=_FAST, cache=True, inline="always")
 # Channels-last local buffers get 16 spare channels: with C = 256 floats (1 KB) per pixel, the
 # strided element-wise transposes hit only 4 of L1's 64 sets and thrashed; the padding halved the
 # cost of writing the output back to NCHW (6 -> 3 ms per 33 MB on one core).
