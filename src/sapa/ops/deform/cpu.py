@@ -35,7 +35,6 @@ Where the backward's time goes (one thread, by deleting one loop at a time): the
 the v dots 15, the dk scatter 14, dq 12, everything else (geometry, row transposes, corners) 18.
 The scatters are bound by memory, not arithmetic: 1-, 2- and 4-corner loop variants time the same.
 """
-"""
 from __future__ import annotations
 
 import numpy as np
