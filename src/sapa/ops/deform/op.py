@@ -13,9 +13,9 @@ Ops of the cpu backend (kernels in ``cpu.py``, imported lazily):
 
 ``saved`` (flat, B*H'*W'*G*P*3 values in the compute dtype) holds each point's softmax probability
 and the slopes of its logit along x and y; ``kf`` / ``vf`` are the forward's flat channels-last
-copies of k and v (``_flat_cl``). All three are for the backward only (non-differentiable): with
-them it neither recomputes the logits nor copies k and v again (together ~10 ms of ~70 at the
-benchmark shape on two cores).
+copies of k and v (``_flat_cl_tensor``). All three are for the backward only (non-differentiable):
+with them it neither recomputes the logits nor copies k and v again (the two copies on fresh memory
+took 4-6 ms of the ~55 ms backward at the benchmark shape on two cores).
 
 Gradients to the offsets are those of bilinear interpolation (piecewise linear: at an exactly
 integer sampling coordinate the derivative is the one-sided one from the cell above/right, as in
