@@ -227,6 +227,16 @@ def _row_buffers(off, s, dtype):
             np.empty((GP, Wq), dtype))
 
 
+@njit(**_INLINE)
+def _zero_band(buf, t, band_base, W, Cl):
+    """Zero band t's rows of a flat band buffer (rows band_base[t] .. band_base[t+1]; the buffer ends
+    with a scratch tail of Cl entries). Each band zeroes its own rows on its own thread: a torch
+    zero_() of the whole buffer before the kernel left torch's OpenMP worker spin-waiting on one of
+    the cores for the kernel's first milliseconds (libgomp's default spin after a parallel region)."""
+    end = band_base[t + 1] if t + 1 < band_base.size else (buf.size - Cl) // (W * Cl)
+    buf[band_base[t] * W * Cl:end * W * Cl] = 0
+
+
 @njit(nogil=True, cache=True)
 def to_cl(t, nb, x, Cl, out):
     """Flat channels-last copy: out[((b*H + y)*W + xx)*Cl + c] = x[b, c, y, xx] (channel stride Cl =
@@ -283,6 +293,7 @@ def similarity_bwd(t, nb, gl, q, kf, H, W, off, P, G, s, band_lo, band_base, gq,
     w = np.empty(4, q.dtype)
     f = np.empty(4, q.dtype)
     bbase = (band_base[t] - band_lo[t]) * W
+    _zero_band(gkb, t, band_base, W, Cl)
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
         b, i = bi // Hq, bi % Hq
         _load_row(q, b, i, qr.reshape((Wq, Cl)))
@@ -347,6 +358,7 @@ def reassemble_bwd(t, nb, go, wp, vf, H, W, off, P, G, s, band_lo, band_base, gw
     w = np.empty(4, vf.dtype)
     f = np.empty(4, vf.dtype)
     bbase = (band_base[t] - band_lo[t]) * W
+    _zero_band(gvb, t, band_base, W, Cl)
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
         b, i = bi // Hq, bi % Hq
         _load_row(go, b, i, gr.reshape((Wq, Cl)))
@@ -467,6 +479,8 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, sv, P, G, s, band_lo, band_base, g
     vy = np.empty(P, q.dtype)
     one = q.dtype.type(1)
     bbase = (band_base[t] - band_lo[t]) * W
+    _zero_band(gkb, t, band_base, W, Clk)
+    _zero_band(gvb, t, band_base, W, Clv)
     for bi in range(t * (B * Hq) // nb, (t + 1) * (B * Hq) // nb):
         b, i = bi // Hq, bi % Hq
         _load_row(q, b, i, qr.reshape((Wq, Clk)))
