@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .. import _simd
+
 # fastmath without 'nnan'/'ninf': reassociation (vectorised reductions) is what buys speed; the
 # outside-the-map test must stay exact for NaN/inf offsets, or a NaN coordinate becomes an index.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -140,10 +142,10 @@ def _corners(pix, wts, gp, j, pbase, Cl, c0, tail, o, w, at=0):
 @njit(**_INLINE)
 def _dots8(a, ao, lo, o, n, f):
     """f[m] = sum_c a[ao + c] * lo[o[m] + c] for the 8 corners of two points."""
-    z = a.dtype.type(0)
-    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = z
     o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
-    for c in range(n):
+    nv = n // _simd.vlanes(a)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _simd.dots(a, ao, lo, (o0, o1, o2, o3, o4, o5, o6, o7), nv)
+    for c in range(nv * _simd.vlanes(a), n):
         e = a[ao + c]
         t0 += e * lo[o0 + c]
         t1 += e * lo[o1 + c]
@@ -161,18 +163,20 @@ def _axpy8(dst, do, w, lo, o, n):
     """dst[do + c] += sum_m w[m] * lo[o[m] + c] over the 8 corners of two points."""
     w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
     o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
-    for c in range(n):
+    nv = n // _simd.vlanes(dst)
+    _simd.axpy(dst, do, lo, (o0, o1, o2, o3, o4, o5, o6, o7), (w0, w1, w2, w3, w4, w5, w6, w7), nv)
+    for c in range(nv * _simd.vlanes(dst), n):
         dst[do + c] += (w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
                         + w4 * lo[o4 + c] + w5 * lo[o5 + c] + w6 * lo[o6 + c] + w7 * lo[o7 + c])
 
 
 @njit(**_INLINE)
 def _dots4(a, ao, lo, o, n, f):
-    """f[m] = sum_c a[ao + c] * lo[o[m] + c], c < n (one pass over a)."""
-    z = a.dtype.type(0)
-    t0 = t1 = t2 = t3 = z
+    """f[m] = sum_c a[ao + c] * lo[o[m] + c], c < n (one pass over a; whole vectors in _simd)."""
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    for c in range(n):
+    nv = n // _simd.vlanes(a)
+    t0, t1, t2, t3 = _simd.dots4(a, ao, lo, o0, o1, o2, o3, nv)
+    for c in range(nv * _simd.vlanes(a), n):
         e = a[ao + c]
         t0 += e * lo[o0 + c]
         t1 += e * lo[o1 + c]
@@ -186,15 +190,18 @@ def _axpy4(dst, do, w, lo, o, n):
     """dst[do + c] += sum_m w[m] * lo[o[m] + c]."""
     w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    for c in range(n):
+    nv = n // _simd.vlanes(dst)
+    _simd.axpy4(dst, do, lo, o0, o1, o2, o3, w0, w1, w2, w3, nv)
+    for c in range(nv * _simd.vlanes(dst), n):
         dst[do + c] += w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
 
 
 @njit(**_INLINE)
 def _acc1(buf, bo, wm, a, ao, n):
-    """buf[bo + c] += wm * a[ao + c]: one corner's scatter (with the helpers inlined, 1-, 2- and
-    4-corner scatter loops measured the same; the scatters are bound by memory)."""
-    for c in range(n):
+    """buf[bo + c] += wm * a[ao + c]: one corner's scatter."""
+    nv = n // _simd.vlanes(buf)
+    _simd.axpy1(buf, bo, wm, a, ao, nv)
+    for c in range(nv * _simd.vlanes(buf), n):
         buf[bo + c] += wm * a[ao + c]
 
 
@@ -203,6 +210,44 @@ def _scatter(a, ao, scale, w, buf, o, n):
     """buf[o[m] + c] += scale * w[m] * a[ao + c] for the 4 corners m (4 loops)."""
     for m in range(4):
         _acc1(buf, o[m], scale * w[m], a, ao, n)
+
+
+@njit(**_INLINE)
+def _dots_scatter4(a, ao, lo, o, n, f, buf, ob, scale, w):
+    """_dots4 and _scatter(a, ao, scale, w, buf, ob, n) in one pass over a."""
+    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+    b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
+    s0, s1, s2, s3 = scale * w[0], scale * w[1], scale * w[2], scale * w[3]
+    nv = n // _simd.vlanes(a)
+    t0, t1, t2, t3 = _simd.dots_scatter(a, ao, lo, (o0, o1, o2, o3), buf, (b0, b1, b2, b3), (s0, s1, s2, s3), nv)
+    for c in range(nv * _simd.vlanes(a), n):
+        e = a[ao + c]
+        t0 += e * lo[o0 + c]
+        t1 += e * lo[o1 + c]
+        t2 += e * lo[o2 + c]
+        t3 += e * lo[o3 + c]
+        buf[b0 + c] += s0 * e
+        buf[b1 + c] += s1 * e
+        buf[b2 + c] += s2 * e
+        buf[b3 + c] += s3 * e
+    f[0], f[1], f[2], f[3] = t0, t1, t2, t3
+
+
+@njit(**_INLINE)
+def _axpy_scatter4(dst, do, w, lo, o, a, buf, ob, n):
+    """_axpy4(dst, do, w, lo, o, n) and _scatter(a, do, 1, w, buf, ob, n) in one pass."""
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+    b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
+    nv = n // _simd.vlanes(dst)
+    _simd.axpy_scatter(dst, do, lo, (o0, o1, o2, o3), (w0, w1, w2, w3), a, do, buf, (b0, b1, b2, b3), nv)
+    for c in range(nv * _simd.vlanes(dst), n):
+        e = a[do + c]
+        dst[do + c] += w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
+        buf[b0 + c] += w0 * e
+        buf[b1 + c] += w1 * e
+        buf[b2 + c] += w2 * e
+        buf[b3 + c] += w3 * e
 
 
 @njit(**_INLINE)
@@ -498,8 +543,7 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, sv, P, G, s, band_lo, band_base, g
                     pr = sv[so + 3 * p]
                     _corners(pix, wts, gp, j, bbase + b * H * W, Clv, g * Cg, gvb.size - Clv, ob, w)
                     _corners(pix, wts, gp, j, b * H * W, Clv, g * Cg, vf.size - Clv, o, w)
-                    _dots4(gr, go_, vf, o, _U(Cg), f)
-                    _scatter(gr, go_, pr, w, gvb, ob, _U(Cg))
+                    _dots_scatter4(gr, go_, vf, o, _U(Cg), f, gvb, ob, pr, w)
                     dp[p] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                     vx[p], vy[p] = _dxy4(f[0], f[1], f[2], f[3], tys[gp, j], txs[gp, j], one)
                     delta += pr * dp[p]
@@ -511,8 +555,7 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, sv, P, G, s, band_lo, band_base, g
                     _corners(pix, wts, gp, j, b * H * W, Clk, g * d, kf.size - Clk, o, w)
                     for m in range(4):
                         w[m] *= dl
-                    _axpy4(gqr, qo, w, kf, o, _U(d))
-                    _scatter(qr, qo, one, w, gkb, ob, _U(d))
+                    _axpy_scatter4(gqr, qo, w, kf, o, qr, gkb, ob, _U(d))
                     gor[j, 2 * gp] = dl * sv[so + 3 * p + 1] + pr * vx[p]
                     gor[j, 2 * gp + 1] = dl * sv[so + 3 * p + 2] + pr * vy[p]
         _store_row(gqr.reshape((Wq, Clk)), gq, b, i)
