@@ -18,9 +18,10 @@ Peak memory (CPU): measured after all timings, one call per case, as the rise of
 resident-set high-water mark over its resident set just before the call: ``/proc/self/clear_refs``
 (``5``) resets ``VmHWM`` to the current ``VmRSS``, the case runs, ``VmHWM - VmRSS(before)`` is
 recorded. To make freed memory leave the process (so that the next case's allocations show up as
-new resident pages) glibc's mmap threshold is fixed at 64 KiB (``mallopt``) and ``malloc_trim(0)``
-runs before each measurement. This counts everything the call touches: torch tensors, numpy and
-numba buffers, page-granular; the inputs already exist and are not counted, the outputs and saved
+new resident pages) glibc's mmap threshold is fixed at 64 KiB (``mallopt``), and before each
+measurement the cpu kernels' host cache is emptied (``sapa.ops.window.op.empty_cache``: a case then
+allocates what its first call would) and ``malloc_trim(0)`` runs. This counts everything the call
+touches: torch tensors, numpy and numba buffers, page-granular; the inputs already exist and are not counted, the outputs and saved
 tensors are. ``mem_method`` says which method was used ("rss-hwm", or "unavailable" where
 ``/proc/self/clear_refs`` cannot be written, e.g. macOS).
 
@@ -155,6 +156,9 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
+        from ..ops.window.op import empty_cache  # memory the cpu kernels keep for reuse is released,
+
+        empty_cache()  # so the measured call allocates what a first call allocates
         if self._trim is not None:
             self._trim(0)
         if self.available:
