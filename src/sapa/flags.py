@@ -3,6 +3,9 @@
 SAPA_BACKEND      force a backend for every op ("reference", "cpu", "triton"); unset = automatic.
 SAPA_LOG_LEVEL    log level of the ``sapa`` logger (e.g. DEBUG to see why a backend declined).
 SAPA_SLOW         "1" runs the long test sweeps (tests marked ``slow``).
+SAPA_CPU_CACHE_MB MiB of freed memory the cpu kernels keep for reuse (default 512; 0 = off); see
+                  ``sapa.ops.window.op._HostCache``.
+SAPA_TRACEBACK_AFTER  seconds after which the CLI dumps every thread's stack (faulthandler; for hangs).
 TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
 """
 from __future__ import annotations
@@ -22,6 +25,18 @@ def backend_override() -> str | None:
 
 def slow_tests() -> bool:
     return _env("SAPA_SLOW", "0") not in ("0", "false", "False")
+
+
+def cpu_cache_bytes() -> int:
+    raw = _env("SAPA_CPU_CACHE_MB", "512")
+    try:
+        mb = int(raw)
+    except ValueError:
+        raise ValueError(f"SAPA_CPU_CACHE_MB must be a whole number of MiB (0 turns the cache off), "
+                         f"got {raw!r}") from None
+    if mb < 0:
+        raise ValueError(f"SAPA_CPU_CACHE_MB must be >= 0, got {mb}")
+    return mb << 20
 
 
 def triton_interpret() -> bool:

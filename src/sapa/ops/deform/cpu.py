@@ -29,11 +29,14 @@ NCHW dk / dv. Memory ~|k| + |v| plus halos (not threads x |k|); deterministic fo
 threads (the reduction order depends on the bands).
 
 Measured (B=2, C=256, G=4, P=9, d=32, 64x64 -> 128x128, float32, offsets ~ N(0, 1.5^2), kernels
-alone on preallocated outputs): fused forward 45 ms on one thread, 24.5 ms on two; backward 75 / 40
-ms. The grid_sample reference takes ~320 / ~800 ms forward / forward+backward on two threads.
-Where the backward's time goes (one thread, by deleting one loop at a time): the dv scatter 23 ms,
-the v dots 15, the dk scatter 14, dq 12, everything else (geometry, row transposes, corners) 18.
-The scatters are bound by memory, not arithmetic: 1-, 2- and 4-corner loop variants time the same.
+alone on preallocated outputs): fused forward 43 ms on one thread, 22-26 ms on two; backward 63 /
+33-35 ms. The grid_sample reference takes ~320 / ~790 ms forward / forward+backward on two threads.
+The channel loops are explicit vector code (``sapa.ops._simd``): as numba loops, the 32-channel
+spans ran in LLVM's 8-lane remainder loop and every span paid run-time overlap checks; the fused
+backward went from 76 to 63 ms on one thread with them and with its dot + scatter and dq + dk pairs
+fused into one pass each. Tried and measured slower (one thread, see the session notes of issue 5):
+visiting shared corners once (54 / 84 ms: the data-dependent mapping costs more than it saves),
+tiling rows along the width, 16-column tiled transposes, software prefetch of the next row.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ... import flags
 from ...backends import register_impl
 from .._common import compute_dtype
 
@@ -170,15 +171,7 @@ class _HostCache:
 
     def limit(self) -> int:
         if self._limit is None:
-            raw = os.environ.get("SAPA_CPU_CACHE_MB", "512")
-            try:
-                mb = int(raw)
-            except ValueError:
-                raise ValueError(f"SAPA_CPU_CACHE_MB must be a whole number of MiB (0 turns the cache off), "
-                                 f"got {raw!r}") from None
-            if mb < 0:
-                raise ValueError(f"SAPA_CPU_CACHE_MB must be >= 0, got {mb}")
-            self._limit = mb << 20
+            self._limit = flags.cpu_cache_bytes()
         return self._limit
 
     @staticmethod
