@@ -126,3 +126,12 @@ def test_cli_writes_json_lines(tmp_path, capsys):
 def test_cli_rejects_unknown_choices():
     with pytest.raises(SystemExit):
         main(["bench", "--shapes", "nope"])
+
+
+def test_quick_keeps_explicit_repeats():
+    """--quick picks the largest placement; it used to cap --repeats at 3 silently."""
+    recs = run_bench(ops=["sapa"], shapes=["tiny"], modes=["fwd"], backends=["cpu"], repeats=4, quick=True,
+                     memory=False)
+    assert [r["repeats"] for r in recs] == [4]
+    recs = run_bench(ops=["sapa"], shapes=["tiny"], modes=["fwd"], backends=["cpu"], quick=True, memory=False)
+    assert [r["repeats"] for r in recs] == [3]

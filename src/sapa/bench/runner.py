@@ -220,7 +220,7 @@ def time_case(run: Callable[[], None], repeats: int, warmup: int = 1) -> list[fl
 
 # ----------------------------------------------------------------------------- the runner
 def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("reference", "cpu"),
-              shapes: Iterable[str] = ("segformer-b1",), modes: Iterable[str] = MODES, repeats: int = 5,
+              shapes: Iterable[str] = ("segformer-b1",), modes: Iterable[str] = MODES, repeats: int | None = None,
               quick: bool = False, dtype: torch.dtype = torch.float32, memory: bool = True, seed: int = 0,
               progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run the benchmark grid and return one record (dict) per op x backend x placement x mode.
@@ -231,8 +231,8 @@ def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("refe
             record ``{"skipped": reason}``. Put "reference" in to get speed-up ratios.
         shapes: names of shape sets (:data:`sapa.bench.shapes.SHAPE_SETS`).
         modes: "fwd" and/or "fwd+bwd".
-        repeats: timed calls per case (after one warm-up call).
-        quick: only the largest placement of each shape set, and at most 3 repeats.
+        repeats: timed calls per case (after one warm-up call); default 5, or 3 with ``quick``.
+        quick: only the largest placement of each shape set (and 3 repeats unless given).
         memory: also measure peak memory (one extra call per case).
         progress: called with a short description before each case (e.g. a progress bar's update).
 
@@ -252,10 +252,10 @@ def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("refe
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; valid: {', '.join(MODES)}")
+    if repeats is None:
+        repeats = 3 if quick else 5
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if quick:
-        repeats = min(repeats, 3)
     placements = []
     for name in shapes:
         pls = shape_set(name)

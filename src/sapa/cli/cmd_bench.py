@@ -23,9 +23,10 @@ def register(sub) -> None:
                    help=f"named shape sets (default segformer-b1): {', '.join(SHAPE_SETS)}")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="fwd and/or fwd+bwd (default both)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per case after one warm-up (default 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per case after one warm-up (default 5; 3 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="only the largest placement of each shape set, at most 3 repeats")
+                   help="only the largest placement of each shape set, 3 repeats unless --repeats is given")
     p.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
