@@ -21,6 +21,9 @@ GRID = [
     pytest.param(4, 1, 3, (4, 5), (2, 0), 5, 2, 2, id="P4-G1-s3-4x5-ceil10x15"),
     pytest.param(2, 2, 4, (3, 3), (0, 3), 4, 2, 1, id="P2-G2-s4-ceil12x9"),
     pytest.param(5, 3, 1, (4, 6), (0, 0), 9, 2, 1, id="P5-G3-s1"),
+    # channel spans of whole vectors plus a remainder (16 float32 / 8 float64 lanes, cpu.py "vector code")
+    pytest.param(9, 4, 2, (6, 5), (1, 0), 24, 20, 1, id="P9-G4-vector+remainder"),
+    pytest.param(9, 4, 2, (4, 4), (0, 0), 64, 32, 1, id="P9-G4-d32-C64"),
 ]
 
 

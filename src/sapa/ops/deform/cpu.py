@@ -31,7 +31,7 @@ threads (the reduction order depends on the bands).
 Measured (B=2, C=256, G=4, P=9, d=32, 64x64 -> 128x128, float32, offsets ~ N(0, 1.5^2), kernels
 alone on preallocated outputs): fused forward 43 ms on one thread, 22-26 ms on two; backward 63 /
 33-35 ms. The grid_sample reference takes ~320 / ~790 ms forward / forward+backward on two threads.
-The channel loops are explicit vector code (``sapa.ops._simd``): as numba loops, the 32-channel
+The channel loops are explicit vector code (section "vector code"): as numba loops, the 32-channel
 spans ran in LLVM's 8-lane remainder loop and every span paid run-time overlap checks; the fused
 backward went from 76 to 63 ms on one thread with them and with its dot + scatter and dq + dk pairs
 fused into one pass each. Tried and measured slower (one thread, see the session notes of issue 5):
@@ -41,9 +41,10 @@ tiling rows along the width, 16-column tiled transposes, software prefetch of th
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
-from .. import _simd
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # fastmath without 'nnan'/'ninf': reassociation (vectorised reductions) is what buys speed; the
 # outside-the-map test must stay exact for NaN/inf offsets, or a NaN coordinate becomes an index.
@@ -122,6 +123,211 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
             txr[j] = tx if inside else zero
 
 
+# ------------------------------------------------------------------------------------ vector code
+# Channel loops as explicit LLVM vector code (numba ``@intrinsic``s): one 64-byte line per vector
+# (16 float32 / 8 float64 lanes; LLVM splits them on narrower machines), loads and stores in program
+# order. As numba loops (``for c in range(n): buf[o + c] += w * a[ao + c]``) LLVM could not prove
+# that ``buf`` and ``a`` do not overlap, so it guarded each loop with run-time overlap checks, and it
+# chose one 64-float vector body per call site, which the 32-channel key spans never entered (they
+# ran in the 8-lane remainder loop). Each helper covers ``nvec`` whole vectors; callers finish a
+# remainder of ``n % _vlanes`` channels with a plain loop. Callers pass spans that do not overlap
+# unless they are the same span. (Kept in this file: numba's cache is keyed on the kernels' source
+# file, so helpers in another module could go stale in the cache when only they change.)
+_LINE = 64  # bytes per vector
+
+
+def _vector_type(context, dtype):
+    elt = context.get_data_type(dtype)
+    return ir.VectorType(elt, _LINE // (dtype.bitwidth // 8)), elt
+
+
+def _suffix(vt) -> str:
+    return f"v{vt.count}f{32 if isinstance(vt.element, ir.FloatType) else 64}"
+
+
+def _fma(builder, vt):
+    fnty = ir.FunctionType(vt, [vt, vt, vt])
+    return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.{_suffix(vt)}")
+
+
+def _splat(builder, vt, x):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.IntType(32)(0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+
+
+def _vptr(builder, base, idx, vt):
+    return builder.bitcast(builder.gep(base, [idx]), vt.as_pointer())
+
+
+def _align(elt):
+    return 4 if isinstance(elt, ir.FloatType) else 8
+
+
+def _hsum(builder, vt, elt, v):
+    fnty = ir.FunctionType(elt, [elt, vt])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.{_suffix(vt)}")
+    return builder.call(fn, [ir.Constant(elt, 0.0), v], fastmath=("reassoc", "nsz"))
+
+
+@intrinsic
+def _vlanes(typingctx, arr):
+    """Lanes of one vector for the array's dtype (16 for float32, 8 for float64), as a constant."""
+    n = _LINE // (arr.dtype.bitwidth // 8)
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, n)
+    return types.intp(arr), codegen
+
+
+@intrinsic
+def _v_axpy1(typingctx, dst, do, alpha, src, so, nvec):
+    """dst[do + c] += alpha * src[so + c] for c < nvec * lanes (flat offsets into C-contiguous arrays)."""
+    sig = types.void(dst, types.uint64, dst.dtype, src, types.uint64, types.intp)
+
+    def codegen(context, builder, sig, args):
+        vt, elt = _vector_type(context, sig.args[0].dtype)
+        al = _align(elt)
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[3])(context, builder, args[3])
+        dbase = builder.gep(d.data, [args[1]])
+        sbase = builder.gep(s.data, [args[4]])
+        a = _splat(builder, vt, args[2])
+        fma = _fma(builder, vt)
+        with cgutils.for_range(builder, args[5]) as loop:
+            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
+            dp = _vptr(builder, dbase, i, vt)
+            x = builder.load(_vptr(builder, sbase, i, vt), align=al)
+            builder.store(builder.call(fma, [a, x, builder.load(dp, align=al)]), dp, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _v_dots(typingctx, a, ao, src, offs, nvec):
+    """(sum_c a[ao + c] * src[offs[m] + c] for each m), c < nvec * lanes; ``offs`` a tuple of uint64
+    (one pass over a, one accumulator per offset)."""
+    n = len(offs)
+    sig = types.UniTuple(a.dtype, n)(a, types.uint64, src, types.UniTuple(types.uint64, n), types.intp)
+
+    def codegen(context, builder, sig, args):
+        vt, elt = _vector_type(context, sig.args[0].dtype)
+        al = _align(elt)
+        A = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        abase = builder.gep(A.data, [args[1]])
+        bases = [builder.gep(s.data, [builder.extract_value(args[3], m)]) for m in range(n)]
+        fma = _fma(builder, vt)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * vt.count)) for _ in range(n)]
+        with cgutils.for_range(builder, args[4]) as loop:
+            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
+            x = builder.load(_vptr(builder, abase, i, vt), align=al)
+            for m in range(n):
+                y = builder.load(_vptr(builder, bases[m], i, vt), align=al)
+                builder.store(builder.call(fma, [x, y, builder.load(accs[m])]), accs[m])
+        sums = [_hsum(builder, vt, elt, builder.load(accs[m])) for m in range(n)]
+        return context.make_tuple(builder, sig.return_type, sums)
+    return sig, codegen
+
+
+@intrinsic
+def _v_axpy(typingctx, dst, do, src, offs, ws, nvec):
+    """dst[do + c] += sum_m ws[m] * src[offs[m] + c], c < nvec * lanes; ``offs`` a tuple of uint64,
+    ``ws`` a tuple of the arrays' dtype, of the same length."""
+    n = len(offs)
+    f = dst.dtype
+    sig = types.void(dst, types.uint64, src, types.UniTuple(types.uint64, n), types.UniTuple(f, n), types.intp)
+
+    def codegen(context, builder, sig, args):
+        vt, elt = _vector_type(context, sig.args[0].dtype)
+        al = _align(elt)
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        dbase = builder.gep(d.data, [args[1]])
+        bases = [builder.gep(s.data, [builder.extract_value(args[3], m)]) for m in range(n)]
+        wv = [_splat(builder, vt, builder.extract_value(args[4], m)) for m in range(n)]
+        fma = _fma(builder, vt)
+        with cgutils.for_range(builder, args[5]) as loop:
+            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
+            dp = _vptr(builder, dbase, i, vt)
+            acc = builder.load(dp, align=al)
+            for m in range(n):
+                acc = builder.call(fma, [wv[m], builder.load(_vptr(builder, bases[m], i, vt), align=al), acc])
+            builder.store(acc, dp, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _v_dots_scatter(typingctx, a, ao, src, offs, buf, boffs, scales, nvec):
+    """One pass over a[ao:ao + nvec*lanes]: returns (sum_c a[ao + c] * src[offs[m] + c] for each m)
+    and does buf[boffs[m] + c] += scales[m] * a[ao + c]. ``buf`` must not overlap ``a`` or ``src``;
+    two boffs may be equal (updates are applied in order)."""
+    n = len(offs)
+    f, u = a.dtype, types.uint64
+    sig = types.UniTuple(f, n)(a, u, src, types.UniTuple(u, n), buf, types.UniTuple(u, n), types.UniTuple(f, n),
+                               types.intp)
+
+    def codegen(context, builder, sig, args):
+        vt, elt = _vector_type(context, sig.args[0].dtype)
+        al = _align(elt)
+        A = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        bf = context.make_array(sig.args[4])(context, builder, args[4])
+        abase = builder.gep(A.data, [args[1]])
+        bases = [builder.gep(s.data, [builder.extract_value(args[3], m)]) for m in range(n)]
+        bbases = [builder.gep(bf.data, [builder.extract_value(args[5], m)]) for m in range(n)]
+        sc = [_splat(builder, vt, builder.extract_value(args[6], m)) for m in range(n)]
+        fma = _fma(builder, vt)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * vt.count)) for _ in range(n)]
+        with cgutils.for_range(builder, args[7]) as loop:
+            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
+            x = builder.load(_vptr(builder, abase, i, vt), align=al)
+            for m in range(n):
+                y = builder.load(_vptr(builder, bases[m], i, vt), align=al)
+                builder.store(builder.call(fma, [x, y, builder.load(accs[m])]), accs[m])
+                bp = _vptr(builder, bbases[m], i, vt)
+                builder.store(builder.call(fma, [sc[m], x, builder.load(bp, align=al)]), bp, align=al)
+        sums = [_hsum(builder, vt, elt, builder.load(accs[m])) for m in range(n)]
+        return context.make_tuple(builder, sig.return_type, sums)
+    return sig, codegen
+
+
+@intrinsic
+def _v_axpy_scatter(typingctx, dst, do, src, offs, ws, a, ao, buf, boffs, nvec):
+    """One pass: dst[do + c] += sum_m ws[m] * src[offs[m] + c] and buf[boffs[m] + c] += ws[m] *
+    a[ao + c], c < nvec * lanes. ``buf`` must not overlap dst, src or a; two boffs may be equal."""
+    n = len(offs)
+    f, u = dst.dtype, types.uint64
+    sig = types.void(dst, u, src, types.UniTuple(u, n), types.UniTuple(f, n), a, u, buf, types.UniTuple(u, n),
+                     types.intp)
+
+    def codegen(context, builder, sig, args):
+        vt, elt = _vector_type(context, sig.args[0].dtype)
+        al = _align(elt)
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        A = context.make_array(sig.args[5])(context, builder, args[5])
+        bf = context.make_array(sig.args[7])(context, builder, args[7])
+        dbase = builder.gep(d.data, [args[1]])
+        abase = builder.gep(A.data, [args[6]])
+        bases = [builder.gep(s.data, [builder.extract_value(args[3], m)]) for m in range(n)]
+        bbases = [builder.gep(bf.data, [builder.extract_value(args[8], m)]) for m in range(n)]
+        wv = [_splat(builder, vt, builder.extract_value(args[4], m)) for m in range(n)]
+        fma = _fma(builder, vt)
+        with cgutils.for_range(builder, args[9]) as loop:
+            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
+            dp = _vptr(builder, dbase, i, vt)
+            x = builder.load(_vptr(builder, abase, i, vt), align=al)
+            acc = builder.load(dp, align=al)
+            for m in range(n):
+                acc = builder.call(fma, [wv[m], builder.load(_vptr(builder, bases[m], i, vt), align=al), acc])
+                bp = _vptr(builder, bbases[m], i, vt)
+                builder.store(builder.call(fma, [wv[m], x, builder.load(bp, align=al)]), bp, align=al)
+            builder.store(acc, dp, align=al)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # 4-corner helpers on flat arrays with unsigned offsets: numba tests every signed index for
 # wraparound, which kept these loops scalar, and slicing a view per corner (4 per point, 36 points
 # per pixel) cost 90 of the 120 ms of the reassembly forward; with uint64 offsets the loops
@@ -146,9 +352,9 @@ def _corners(pix, wts, gp, j, pbase, Cl, c0, tail, o, w, at=0):
 def _dots8(a, ao, lo, o, n, f):
     """f[m] = sum_c a[ao + c] * lo[o[m] + c] for the 8 corners of two points."""
     o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
-    nv = n // _simd.vlanes(a)
-    t0, t1, t2, t3, t4, t5, t6, t7 = _simd.dots(a, ao, lo, (o0, o1, o2, o3, o4, o5, o6, o7), nv)
-    for c in range(nv * _simd.vlanes(a), n):
+    nv = n // _vlanes(a)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _v_dots(a, ao, lo, (o0, o1, o2, o3, o4, o5, o6, o7), nv)
+    for c in range(nv * _vlanes(a), n):
         e = a[ao + c]
         t0 += e * lo[o0 + c]
         t1 += e * lo[o1 + c]
@@ -166,20 +372,20 @@ def _axpy8(dst, do, w, lo, o, n):
     """dst[do + c] += sum_m w[m] * lo[o[m] + c] over the 8 corners of two points."""
     w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
     o0, o1, o2, o3, o4, o5, o6, o7 = o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
-    nv = n // _simd.vlanes(dst)
-    _simd.axpy(dst, do, lo, (o0, o1, o2, o3, o4, o5, o6, o7), (w0, w1, w2, w3, w4, w5, w6, w7), nv)
-    for c in range(nv * _simd.vlanes(dst), n):
+    nv = n // _vlanes(dst)
+    _v_axpy(dst, do, lo, (o0, o1, o2, o3, o4, o5, o6, o7), (w0, w1, w2, w3, w4, w5, w6, w7), nv)
+    for c in range(nv * _vlanes(dst), n):
         dst[do + c] += (w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
                         + w4 * lo[o4 + c] + w5 * lo[o5 + c] + w6 * lo[o6 + c] + w7 * lo[o7 + c])
 
 
 @njit(**_INLINE)
 def _dots4(a, ao, lo, o, n, f):
-    """f[m] = sum_c a[ao + c] * lo[o[m] + c], c < n (one pass over a; whole vectors in _simd)."""
+    """f[m] = sum_c a[ao + c] * lo[o[m] + c], c < n (one pass over a; whole vectors by _v_dots)."""
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    nv = n // _simd.vlanes(a)
-    t0, t1, t2, t3 = _simd.dots4(a, ao, lo, o0, o1, o2, o3, nv)
-    for c in range(nv * _simd.vlanes(a), n):
+    nv = n // _vlanes(a)
+    t0, t1, t2, t3 = _v_dots(a, ao, lo, (o0, o1, o2, o3), nv)
+    for c in range(nv * _vlanes(a), n):
         e = a[ao + c]
         t0 += e * lo[o0 + c]
         t1 += e * lo[o1 + c]
@@ -193,18 +399,18 @@ def _axpy4(dst, do, w, lo, o, n):
     """dst[do + c] += sum_m w[m] * lo[o[m] + c]."""
     w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    nv = n // _simd.vlanes(dst)
-    _simd.axpy4(dst, do, lo, o0, o1, o2, o3, w0, w1, w2, w3, nv)
-    for c in range(nv * _simd.vlanes(dst), n):
+    nv = n // _vlanes(dst)
+    _v_axpy(dst, do, lo, (o0, o1, o2, o3), (w0, w1, w2, w3), nv)
+    for c in range(nv * _vlanes(dst), n):
         dst[do + c] += w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
 
 
 @njit(**_INLINE)
 def _acc1(buf, bo, wm, a, ao, n):
     """buf[bo + c] += wm * a[ao + c]: one corner's scatter."""
-    nv = n // _simd.vlanes(buf)
-    _simd.axpy1(buf, bo, wm, a, ao, nv)
-    for c in range(nv * _simd.vlanes(buf), n):
+    nv = n // _vlanes(buf)
+    _v_axpy1(buf, bo, wm, a, ao, nv)
+    for c in range(nv * _vlanes(buf), n):
         buf[bo + c] += wm * a[ao + c]
 
 
@@ -221,9 +427,9 @@ def _dots_scatter4(a, ao, lo, o, n, f, buf, ob, scale, w):
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
     s0, s1, s2, s3 = scale * w[0], scale * w[1], scale * w[2], scale * w[3]
-    nv = n // _simd.vlanes(a)
-    t0, t1, t2, t3 = _simd.dots_scatter(a, ao, lo, (o0, o1, o2, o3), buf, (b0, b1, b2, b3), (s0, s1, s2, s3), nv)
-    for c in range(nv * _simd.vlanes(a), n):
+    nv = n // _vlanes(a)
+    t0, t1, t2, t3 = _v_dots_scatter(a, ao, lo, (o0, o1, o2, o3), buf, (b0, b1, b2, b3), (s0, s1, s2, s3), nv)
+    for c in range(nv * _vlanes(a), n):
         e = a[ao + c]
         t0 += e * lo[o0 + c]
         t1 += e * lo[o1 + c]
@@ -242,9 +448,9 @@ def _axpy_scatter4(dst, do, w, lo, o, a, buf, ob, n):
     w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
-    nv = n // _simd.vlanes(dst)
-    _simd.axpy_scatter(dst, do, lo, (o0, o1, o2, o3), (w0, w1, w2, w3), a, do, buf, (b0, b1, b2, b3), nv)
-    for c in range(nv * _simd.vlanes(dst), n):
+    nv = n // _vlanes(dst)
+    _v_axpy_scatter(dst, do, lo, (o0, o1, o2, o3), (w0, w1, w2, w3), a, do, buf, (b0, b1, b2, b3), nv)
+    for c in range(nv * _vlanes(dst), n):
         e = a[do + c]
         dst[do + c] += w0 * lo[o0 + c] + w1 * lo[o1 + c] + w2 * lo[o2 + c] + w3 * lo[o3 + c]
         buf[b0 + c] += w0 * e
