@@ -108,3 +108,10 @@ def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "SAPA_CPU_CACHE_MB": "0"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_outputs_alive_at_exit_leave_no_error():
+    code = ("import torch; from sapa.ops.window import op; "
+            "keep = [op.new_tensor((1 << 21,), torch.float32) for _ in range(3)]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout and "Exception ignored" not in out.stderr, out.stderr

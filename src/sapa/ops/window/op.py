@@ -166,8 +166,11 @@ class _HostCache:
 
     def _released(self, _ref) -> None:
         """Weak-reference callback: a handed-out array died; keep the free blocks within the limit."""
-        with self._lock:
-            self._trim(self.limit())
+        try:
+            with self._lock:
+                self._trim(self.limit())
+        except Exception:  # e.g. at interpreter exit, with modules torn down: nothing to keep tidy
+            pass
 
     def limit(self) -> int:
         if self._limit is None:
