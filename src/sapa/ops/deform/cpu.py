@@ -180,29 +180,6 @@ def _vlanes(typingctx, arr):
 
 
 @intrinsic
-def _v_axpy1(typingctx, dst, do, alpha, src, so, nvec):
-    """dst[do + c] += alpha * src[so + c] for c < nvec * lanes (flat offsets into C-contiguous arrays)."""
-    sig = types.void(dst, types.uint64, dst.dtype, src, types.uint64, types.intp)
-
-    def codegen(context, builder, sig, args):
-        vt, elt = _vector_type(context, sig.args[0].dtype)
-        al = _align(elt)
-        d = context.make_array(sig.args[0])(context, builder, args[0])
-        s = context.make_array(sig.args[3])(context, builder, args[3])
-        dbase = builder.gep(d.data, [args[1]])
-        sbase = builder.gep(s.data, [args[4]])
-        a = _splat(builder, vt, args[2])
-        fma = _fma(builder, vt)
-        with cgutils.for_range(builder, args[5]) as loop:
-            i = builder.mul(loop.index, ir.Constant(loop.index.type, vt.count))
-            dp = _vptr(builder, dbase, i, vt)
-            x = builder.load(_vptr(builder, sbase, i, vt), align=al)
-            builder.store(builder.call(fma, [a, x, builder.load(dp, align=al)]), dp, align=al)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
 def _v_dots(typingctx, a, ao, src, offs, nvec):
     """(sum_c a[ao + c] * src[offs[m] + c] for each m), c < nvec * lanes; ``offs`` a tuple of uint64
     (one pass over a, one accumulator per offset)."""
@@ -406,24 +383,9 @@ def _axpy4(dst, do, w, lo, o, n):
 
 
 @njit(**_INLINE)
-def _acc1(buf, bo, wm, a, ao, n):
-    """buf[bo + c] += wm * a[ao + c]: one corner's scatter."""
-    nv = n // _vlanes(buf)
-    _v_axpy1(buf, bo, wm, a, ao, nv)
-    for c in range(nv * _vlanes(buf), n):
-        buf[bo + c] += wm * a[ao + c]
-
-
-@njit(**_INLINE)
-def _scatter(a, ao, scale, w, buf, o, n):
-    """buf[o[m] + c] += scale * w[m] * a[ao + c] for the 4 corners m (4 loops)."""
-    for m in range(4):
-        _acc1(buf, o[m], scale * w[m], a, ao, n)
-
-
-@njit(**_INLINE)
 def _dots_scatter4(a, ao, lo, o, n, f, buf, ob, scale, w):
-    """_dots4 and _scatter(a, ao, scale, w, buf, ob, n) in one pass over a."""
+    """_dots4, and buf[ob[m] + c] += scale * w[m] * a[ao + c] (the 4 corners' scatter), in one pass
+    over a."""
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
     s0, s1, s2, s3 = scale * w[0], scale * w[1], scale * w[2], scale * w[3]
@@ -444,7 +406,8 @@ def _dots_scatter4(a, ao, lo, o, n, f, buf, ob, scale, w):
 
 @njit(**_INLINE)
 def _axpy_scatter4(dst, do, w, lo, o, a, buf, ob, n):
-    """_axpy4(dst, do, w, lo, o, n) and _scatter(a, do, 1, w, buf, ob, n) in one pass."""
+    """_axpy4(dst, do, w, lo, o, n), and buf[ob[m] + c] += w[m] * a[do + c] (the 4 corners'
+    scatter), in one pass."""
     w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     b0, b1, b2, b3 = ob[0], ob[1], ob[2], ob[3]
@@ -564,8 +527,7 @@ def similarity_bwd(t, nb, gl, q, kf, H, W, off, P, G, s, band_lo, band_base, gq,
                     _dots4(qr, qo, kf, o, _U(d), f)
                     for m in range(4):
                         w[m] *= a
-                    _axpy4(gqr, qo, w, kf, o, _U(d))
-                    _scatter(qr, qo, q.dtype.type(1), w, gkb, ob, _U(d))
+                    _axpy_scatter4(gqr, qo, w, kf, o, qr, gkb, ob, _U(d))
                     dx, dy = _dxy(f, tys[gp, j], txs[gp, j])
                     gor[j, 2 * gp] = a * dx
                     gor[j, 2 * gp + 1] = a * dy
@@ -624,10 +586,9 @@ def reassemble_bwd(t, nb, go, wp, vf, H, W, off, P, G, s, band_lo, band_base, gw
                     gp = g * P + p
                     a = wp[b, g, p, i, j]
                     _corners(pix, wts, gp, j, b * H * W, Cl, g * Cg, vf.size - Cl, o, w)
-                    _dots4(gr, go_, vf, o, _U(Cg), f)
-                    gw[b, g, p, i, j] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                     _corners(pix, wts, gp, j, bbase + b * H * W, Cl, g * Cg, gvb.size - Cl, ob, w)
-                    _scatter(gr, go_, a, w, gvb, ob, _U(Cg))
+                    _dots_scatter4(gr, go_, vf, o, _U(Cg), f, gvb, ob, a, w)
+                    gw[b, g, p, i, j] = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]
                     dx, dy = _dxy(f, tys[gp, j], txs[gp, j])
                     gor[j, 2 * gp] = a * dx
                     gor[j, 2 * gp + 1] = a * dy
