@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import os
 import sys
 import threading
@@ -122,7 +123,8 @@ _MADV_HUGEPAGE = 14
 _madvise = None
 
 
-def _advise_huge(t: Tensor) -> None:
+def _advise_huge(start: int, nbytes: int) -> None:
+    """madvise(MADV_HUGEPAGE) the 2 MiB-aligned interior of [start, start + nbytes)."""
     global _madvise
     if _madvise is None:
         _madvise = False
@@ -137,9 +139,8 @@ def _advise_huge(t: Tensor) -> None:
                 pass
     if not _madvise:
         return
-    start = t.data_ptr()
     lo = (start + _HUGE - 1) & ~(_HUGE - 1)
-    hi = (start + t.numel() * t.element_size()) & ~(_HUGE - 1)
+    hi = (start + nbytes) & ~(_HUGE - 1)
     if hi > lo:
         _madvise(lo, hi - lo, _MADV_HUGEPAGE)
 
@@ -191,15 +192,12 @@ class _HostCache:
                 kept.append(e)
         self._blocks = kept
 
-    def empty(self, shape, dtype: torch.dtype) -> Tensor | None:
+    def empty(self, shape: tuple, dtype: torch.dtype) -> Tensor | None:
         """An uninitialised float32/float64 tensor on a cached block, or None (cache off, other dtype)."""
         np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
         if np_dtype is None or self.limit() == 0:
             return None
-        numel = 1
-        for n in shape:
-            numel *= n
-        nbytes = numel * np.dtype(np_dtype).itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             best = None
             for e in self._blocks:
@@ -211,13 +209,11 @@ class _HostCache:
                 raw = np.empty(cap + 64, np.uint8)
                 start = (-raw.ctypes.data) % 64
                 best = [cap, raw[start:start + cap], None]
+                _advise_huge(best[1].ctypes.data, cap)  # once per block, before its first touch
                 self._blocks.append(best)
             arr = best[1][:nbytes].view(np_dtype).reshape(shape)
             best[2] = weakref.ref(arr, self._released)
-        t = torch.from_numpy(arr)
-        if best[2] is not None and nbytes >= 2 * _HUGE:
-            _advise_huge(t)
-        return t
+        return torch.from_numpy(arr)
 
     def clear(self) -> None:
         with self._lock:
@@ -240,16 +236,12 @@ def new_tensor(shape, dtype, zero: bool = False) -> Tensor:
     """An output or buffer of a cpu kernel: from the host cache when >= 4 MiB (float32/float64),
     else torch.empty; huge-page advised when >= 4 MiB; zero-filled on request."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    numel = 1
-    for n in shape:
-        numel *= n
-    t = None
-    if numel * torch.tensor([], dtype=dtype).element_size() >= 2 * _HUGE:
-        t = _CACHE.empty(shape, dtype)
+    big = math.prod(shape) * dtype.itemsize >= 2 * _HUGE
+    t = _CACHE.empty(shape, dtype) if big else None
     if t is None:
         t = torch.empty(shape, dtype=dtype)
-        if t.numel() * t.element_size() >= 2 * _HUGE:
-            _advise_huge(t)
+        if big:
+            _advise_huge(t.data_ptr(), t.numel() * t.element_size())
     return t.zero_() if zero else t
 
 
