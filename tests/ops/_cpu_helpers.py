@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from _compare import assert_close
 from sapa import functional as Fn
+
+#: the dtypes every cpu-backend op is compared in (half precision computes in float32)
+DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32"),
+          pytest.param(torch.bfloat16, id="bf16")]
 
 
 def leaves(tensors, dtype=None, channels_last=False):

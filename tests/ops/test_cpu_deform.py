@@ -9,10 +9,8 @@ import torch
 
 from sapa import functional as Fn
 
-from ._cpu_helpers import compare_to_reference, leaves, run, threads
+from ._cpu_helpers import DTYPES, compare_to_reference, leaves, run, threads
 
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32"),
-          pytest.param(torch.bfloat16, id="bf16")]
 
 # (P, G, s, low-res H x W, guide trim (ceil mode), value channels C, key channels per group, B)
 GRID = [

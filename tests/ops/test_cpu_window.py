@@ -10,10 +10,8 @@ from _compare import assert_close
 from sapa import functional as Fn
 from sapa.bench import PeakMemory
 
-from ._cpu_helpers import compare_to_reference, leaves, run, threads
+from ._cpu_helpers import DTYPES, compare_to_reference, leaves, run, threads
 
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32"),
-          pytest.param(torch.bfloat16, id="bf16")]
 
 # (K, s, groups, low-res H x W, trim of the guide below s*H x s*W (ceil mode), channels C, d, B)
 GRID = [
