@@ -1,6 +1,6 @@
-"""A float64 nested-loop oracle for every public op of :mod:`sapa.functional` (SPEC §1, §2.4).
+"""A float64 nested-loop oracle for every public op of :mod:`sapa.functional` (docs/SEMANTICS.md §1, §2.4).
 
-Written from SPEC.md and the official CUDA kernels, independently of ``sapa.ops``: no unfold, no
+Written from docs/SEMANTICS.md and the official CUDA kernels, independently of ``sapa.ops``: no unfold, no
 grid_sample, no einsum — plain Python loops over b, i, j, window position / point and channel, one
 formula per line. Slow by design: use tiny shapes (C <= 4, H, W <= 5 low-res).
 
@@ -10,7 +10,7 @@ torch tensors of any float dtype (read as float64), outputs are float64 CPU tens
     from oracle import sapa as sapa_oracle
     assert_close(sapa.functional.sapa(q, k, v, 5, 2), sapa_oracle(q, k, v, 5, 2).float())
 
-Conventions (SPEC):
+Conventions (docs/SEMANTICS.md):
 * high-res (i, j) -> low-res (i // s, j // s); the low-res size is the size of k / v, the high-res
   size is the size of q / weights / offset (ceil-mode guides just have fewer rows / columns);
 * window position n = (dy + r) * K + (dx + r), r = K // 2; out of range: logit 0 (it still
@@ -77,7 +77,7 @@ def bilinear(img: list, y: float, x: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# window ops (SPEC §1)
+# window ops (docs/SEMANTICS.md §1)
 # ---------------------------------------------------------------------------------------------
 
 def window_similarity(q, k, kernel_size=5, scale_factor=2):
@@ -139,7 +139,7 @@ def sapa(q, k, v, kernel_size=5, scale_factor=2):
 
 
 # ---------------------------------------------------------------------------------------------
-# deform ops (SPEC §2.4)
+# deform ops (docs/SEMANTICS.md §2.4)
 # ---------------------------------------------------------------------------------------------
 
 def _position(O, b, g, p, i, j, P, s):

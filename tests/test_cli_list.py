@@ -21,7 +21,7 @@ def test_list_shows_every_upsampler_with_its_parameter_count(capsys):
     assert [r["upsampler"] for r in rows] == sapa.list_upsamplers()
     assert len(rows) >= 13
     by_name = {r["upsampler"]: r for r in rows}
-    # independent expectations: SPEC §2 formulas at C = 64, d = 32
+    # independent expectations: docs/SEMANTICS.md §2 formulas at C = 64, d = 32
     C, d = 64, 32
     assert by_name["sapa_i"]["params"] == 0
     assert by_name["sapa_b"]["params"] == 4 * C + 2 * (C * d + d)

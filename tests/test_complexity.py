@@ -1,7 +1,7 @@
 """The MAC counter (sapa.complexity) against hand-computed counts, and the papers' complexity
-columns (SPEC §4, §7) reproduced by ``sapa complexity``.
+columns (docs/SEMANTICS.md §4, §7) reproduced by ``sapa complexity``.
 
-Every expected number below is written out from the formula in SPEC §4.2 / §4.1, not taken from
+Every expected number below is written out from the formula in docs/SEMANTICS.md §4.2 / §4.1, not taken from
 the counter's code."""
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_standard_layers(device):
     c = count_complexity(m, torch.randn(1, 3, 10, 10, device=device))
     expected = (3 * 9 * 8 * 100          # conv: Cin*k^2*Cout per output pixel; bias, BN, ReLU ignored
                 + 1 * 9 * 8 * 100        # depthwise: Cin/groups = 1
-                + 8 * 9 * 8 * 400        # deconv per OUTPUT pixel (SPEC §4.1), not per input pixel
+                + 8 * 9 * 8 * 400        # deconv per OUTPUT pixel (docs/SEMANTICS.md §4.1), not per input pixel
                 + 100 * 8 * 4            # linear
                 + 4 * 100 * 4)           # bmm
     assert c.macs == expected
@@ -210,7 +210,7 @@ def test_counts_do_not_depend_on_backend_or_device():
 
 def test_head_delta_is_the_op_formula():
     """SAPA-I adds exactly 2*K^2*C*N MACs to the SegFormer head (N = all high-res points of the six
-    upsamplers) over the bilinear baseline; SAPA-B adds Cd(N + n) + K^2(d + C)N (SPEC §4.2)."""
+    upsamplers) over the bilinear baseline; SAPA-B adds Cd(N + n) + K^2(d + C)N (docs/SEMANTICS.md §4.2)."""
     from sapa.models.segformer import SegFormerHead
 
     C, d, K = 32, 32, 5

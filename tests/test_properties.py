@@ -1,5 +1,5 @@
-"""The properties of SPEC §3 (items 1-10) as tests, with the border caveats stated there, and the
-hand-computed border cases of SPEC §1.1. Expected values come from formulas written out here, never
+"""The properties of docs/SEMANTICS.md §3 (items 1-10) as tests, with the border caveats stated there, and the
+hand-computed border cases of docs/SEMANTICS.md §1.1. Expected values come from formulas written out here, never
 from the code under test.
 
 Functional tests run on the reference backend and on whatever backend is chosen automatically
@@ -112,7 +112,7 @@ def test_1_modules_constant_patch(name, kw):
 
 @pytest.mark.parametrize("name, kw", WINDOW_MODULES)
 def test_1_modules_constant_image(name, kw):
-    """The GroupNorm caveat of SPEC §3.1 (journal SAPA-B): a whole constant image is constant after
+    """The GroupNorm caveat of docs/SEMANTICS.md §3.1 (journal SAPA-B): a whole constant image is constant after
     any normalisation; interior points give exactly the constant, border points are shrunk."""
     C, K, s = 32, 5, 2
     # moderate logits, so that the border shrinkage is visible in float32
@@ -131,7 +131,7 @@ def test_1_modules_constant_image(name, kw):
 
 
 def test_hand_corner_constant_field_zero_keys(backend):
-    """SPEC §1.1 by hand: value field 3.0, zero keys -> every logit 0, uniform 1/K^2 weights over the
+    """docs/SEMANTICS.md §1.1 by hand: value field 3.0, zero keys -> every logit 0, uniform 1/K^2 weights over the
     whole window including out-of-range positions (value 0): x' = 3 * n_in / K^2."""
     q = torch.randn(1, 4, 10, 12, dtype=F64)
     k = torch.zeros(1, 4, 5, 6, dtype=F64)
@@ -149,7 +149,7 @@ def test_hand_corner_constant_field_zero_keys(backend):
 
 
 def test_hand_corner_constant_field_random_queries(backend):
-    """SPEC §1.1: constant 3.0 field as keys and values (SAPA-I), random queries: 3.0 inside and
+    """docs/SEMANTICS.md §1.1: constant 3.0 field as keys and values (SAPA-I), random queries: 3.0 inside and
     3 * 9 e^a / (9 e^a + 16) at a corner (K = 5), a = <q, (3, 3, 3, 3)> = 3 * sum(q) — e.g. ~2.54
     for a ~ 2.28. Two queries chosen by hand: a = ln(16/9) gives exactly 1.5, a = ln(64/9) 2.4."""
     C = 4
@@ -368,7 +368,7 @@ def test_6_batch_independence(backend):
 
 def test_7_constant_logit_shift(backend):
     """A key channel that is 1 everywhere adds the query's value c of that channel to every in-range
-    logit: interior outputs do not depend on c; border ones do (padded logits stay 0, SPEC §1.1)."""
+    logit: interior outputs do not depend on c; border ones do (padded logits stay 0, docs/SEMANTICS.md §1.1)."""
     K, s, H, W = 3, 2, 6, 6
     k = torch.cat([torch.randn(1, 3, H, W, dtype=F64), torch.ones(1, 1, H, W, dtype=F64)], 1)
     v = torch.randn(1, 2, H, W, dtype=F64)

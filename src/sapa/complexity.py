@@ -1,4 +1,4 @@
-"""FLOPs and parameter counting in the papers' convention (SPEC §4).
+"""FLOPs and parameter counting in the papers' convention (docs/SEMANTICS.md §4).
 
 Convention
 ----------
@@ -11,7 +11,7 @@ Convention
   pixel as ``torch.utils.flop_counter`` does.
 * Matrix products inside attention (``q k^T`` and ``attn v``) are counted, whichever kernel runs
   them (``bmm``/``matmul`` or a fused SDPA, CPU one included).
-* Our custom ops are counted by formula (SPEC §4.2), never by what their implementation happens to
+* Our custom ops are counted by formula (docs/SEMANTICS.md §4.2), never by what their implementation happens to
   execute (the reference backend's unfold/einsum, a Numba kernel, a Triton kernel, or a
   ``torch.ops.sapa`` custom op are all counted the same):
 
@@ -139,7 +139,7 @@ def register_op_formula(op, formula: Callable[..., int]) -> None:
 def _conv_per_output(x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, *args,
                      out_shape=None, **kwargs) -> int:
     # prod(w_shape) = Cout * Cin/g * k^2 (normal) or Cin * Cout/g * k^2 (transposed): MACs per output
-    # pixel in both cases (SPEC §4.1: Deconv counted per output pixel).
+    # pixel in both cases (docs/SEMANTICS.md §4.1: Deconv counted per output pixel).
     return 2 * int(out_shape[0]) * math.prod(out_shape[2:]) * math.prod(w_shape)
 
 
@@ -447,7 +447,7 @@ def _with_aux(model):
     return _Both(model)
 
 
-# Papers' numbers (SPEC §7): SegFormer-B1 from the NeurIPS README where it has the row (2
+# Papers' numbers (docs/SEMANTICS.md §7): SegFormer-B1 from the NeurIPS README where it has the row (2
 # decimals), the extension README otherwise; UPerNet from the extension README; Faster R-CNN from
 # the NeurIPS README (3 upsamplers, as the code builds) where it has the row, else the extension's.
 _SEGFORMER_PAPER = {"bilinear": (15.91, 13.74), "deconv": (34.4, 3.5), "pixelshuffle": (34.4, 3.5),

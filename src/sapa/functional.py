@@ -1,6 +1,6 @@
 """Public operators of sapa. Their docstrings are the documentation.
 
-Conventions shared by every op (SPEC §1):
+Conventions shared by every op (docs/SEMANTICS.md §1):
 
 * Low-res features ``k``, ``v`` are ``[B, C, H, W]``; high-res ones (``q``, ``weights``, ``offset``,
   the output) are ``[B, ., H', W']`` with ``H' = s*H`` — or smaller by less than ``s`` (ceil-mode

@@ -1,4 +1,4 @@
-"""Config presets (SPEC §6) and key=value overrides."""
+"""Config presets (docs/SEMANTICS.md §6) and key=value overrides."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""FPN (SPEC §5.3) and Faster R-CNN on torchvision: every registered upsampler, the top-down wiring,
+"""FPN (docs/SEMANTICS.md §5.3) and Faster R-CNN on torchvision: every registered upsampler, the top-down wiring,
 the nearest baseline (mmdet's F.interpolate(size=...)), ceil-mode sizes, parameter counts."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SegFormer head (SPEC §5.1) and the MiT-B1 model: every registered upsampler, the wiring of the six
+"""SegFormer head (docs/SEMANTICS.md §5.1) and the MiT-B1 model: every registered upsampler, the wiring of the six
 upsamplers, the bilinear baseline, parameter counts and local weight loading."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UPerNet (SPEC §5.2): every registered upsampler in the top-down path, the wiring (x = the
+"""UPerNet (docs/SEMANTICS.md §5.2): every registered upsampler in the top-down path, the wiring (x = the
 accumulated coarser lateral, guide = the finer lateral), the bilinear baseline, ResNetV1c sizes
 and local weight loading."""
 from __future__ import annotations

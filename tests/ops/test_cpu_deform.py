@@ -88,7 +88,7 @@ def test_bands(nthreads):
 
 
 def test_zero_offsets_give_nearest_upsampling():
-    """SPEC §3.8: with offsets 0 every point samples the cell's own low-res pixel."""
+    """docs/SEMANTICS.md §3.8: with offsets 0 every point samples the cell's own low-res pixel."""
     q, k, v, _, _ = _inputs(9, 4, 2, (4, 5), (0, 0), 3, 2, 1)
     out = Fn.sapa_deform(q, k, v, torch.zeros(1, 72, 8, 10, dtype=torch.float64), 9, 4, 2, backend="cpu")
     assert torch.allclose(out, torch.nn.functional.interpolate(v, scale_factor=2, mode="nearest"))

@@ -99,7 +99,7 @@ def test_batch_zero_and_one_by_one_maps():
 
 
 def test_constant_field_border_value():
-    """SPEC §1.1: a constant 3.0 field stays 3.0 inside and shrinks at the border (out-of-range
+    """docs/SEMANTICS.md §1.1: a constant 3.0 field stays 3.0 inside and shrinks at the border (out-of-range
     positions keep logit 0 and value 0); with zero queries a corner keeps 4 of 9 weights."""
     v = torch.full((1, 2, 5, 5), 3.0, dtype=torch.float64)
     q = torch.zeros(1, 1, 10, 10, dtype=torch.float64)

@@ -25,7 +25,7 @@ touches: torch tensors, numpy and numba buffers, page-granular; the inputs alrea
 tensors are. ``mem_method`` says which method was used ("rss-hwm", or "unavailable" where
 ``/proc/self/clear_refs`` cannot be written, e.g. macOS).
 
-GFLOP/s: ``2 * sapa.complexity.op_macs(...)`` per forward (the papers' MAC formulas, SPEC §4.2,
+GFLOP/s: ``2 * sapa.complexity.op_macs(...)`` per forward (the papers' MAC formulas, docs/SEMANTICS.md §4.2,
 bilinear sampling at 4 MACs per scalar), times 3 for ``fwd+bwd`` (the usual backward = 2 x forward
 convention), divided by the median time. ``matmul_gflops`` is ``torch.mm`` of two 2048 x 2048
 float32 matrices on the same machine and threads, for scale.

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-#: operator settings used for every placement (SPEC §2: SAPA-B d=32, K=5; SAPA-D P=9, G=4, d=32/group)
+#: operator settings used for every placement (docs/SEMANTICS.md §2: SAPA-B d=32, K=5; SAPA-D P=9, G=4, d=32/group)
 OP_SETTINGS = {"kernel_size": 5, "embed_dim": 32, "num_points": 9, "groups": 4, "group_dim": 32,
                "reassemble_groups": 1}
 OPS = ("window_similarity", "reassemble", "sapa", "deform_similarity", "deform_reassemble", "sapa_deform")

@@ -1,4 +1,4 @@
-"""``sapa train``: train a host network from a preset (SPEC §6 protocols or the synthetic demo),
+"""``sapa train``: train a host network from a preset (docs/SEMANTICS.md §6 protocols or the synthetic demo),
 with ``--set section.field=value`` overrides. Under ``torchrun --nproc_per_node N`` it runs
 distributed (gloo on CPU, nccl on GPU); ``data.batch_size`` is the total over all processes.
 The run folder receives config.json, log.jsonl, curves.png, last.pt and best.pt."""

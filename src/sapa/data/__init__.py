@@ -1,6 +1,6 @@
 """Datasets: ADE20K and COCO loaders for the papers' benchmarks, and built-in synthetic sets.
 
-* :class:`ADE20K` — ADEChallengeData2016, 150 classes, SPEC §6.1 train / eval pipelines.
+* :class:`ADE20K` — ADEChallengeData2016, 150 classes, docs/SEMANTICS.md §6.1 train / eval pipelines.
 * :class:`COCODetection` — COCO instances JSON via pycocotools, torchvision detection targets.
 * :class:`SyntheticSegmentation`, :class:`SyntheticDetection` — seeded procedural scenes (shapes
   incl. thin bars and rings on textured, noisy backgrounds) with pixel-exact labels / boxes.

@@ -6,7 +6,7 @@ Layout expected under ``root`` (the official zip, unpacked)::
     root/images/validation/ADE_val_00000001.jpg       root/annotations/validation/ADE_val_00000001.png
 
 Annotations are single-channel PNGs with 0 = "other" and 1..150 the classes. With
-``reduce_zero_label=True`` (the benchmark setting, SPEC §6.1) 0 becomes 255 (ignored) and every
+``reduce_zero_label=True`` (the benchmark setting, docs/SEMANTICS.md §6.1) 0 becomes 255 (ignored) and every
 other value v becomes v - 1, so classes are 0..149.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
 
 
 class ADE20K(Dataset):
-    """ADE20K scene parsing with the SPEC §6.1 pipelines.
+    """ADE20K scene parsing with the docs/SEMANTICS.md §6.1 pipelines.
 
     Args:
         root: the ``ADEChallengeData2016`` folder.

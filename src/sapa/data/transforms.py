@@ -1,4 +1,4 @@
-"""Segmentation data pipelines of SPEC §6.1 (the mmseg ADE20K pipelines), in numpy + torch.
+"""Segmentation data pipelines of docs/SEMANTICS.md §6.1 (the mmseg ADE20K pipelines), in numpy + torch.
 
 Train: ``resize`` to img_scale (2048, 512) times a ratio drawn in [0.5, 2.0], keeping the aspect
 ratio -> ``random_crop`` 512x512 with ``cat_max_ratio`` 0.75 -> horizontal ``flip`` (p 0.5) ->
@@ -136,7 +136,7 @@ def pad(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int], ignore_
 
 @dataclass
 class SegTrainPipeline:
-    """The SPEC §6.1 training pipeline. Call with ``(img uint8 [H, W, 3], label uint8 [H, W], rng)``."""
+    """The docs/SEMANTICS.md §6.1 training pipeline. Call with ``(img uint8 [H, W, 3], label uint8 [H, W], rng)``."""
 
     img_scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -162,7 +162,7 @@ class SegTrainPipeline:
 
 @dataclass
 class SegEvalPipeline:
-    """The SPEC §6.1 test pipeline (mmseg AlignedResize): keep-ratio resize to fit ``img_scale``,
+    """The docs/SEMANTICS.md §6.1 test pipeline (mmseg AlignedResize): keep-ratio resize to fit ``img_scale``,
     then each side rounded up to a multiple of ``size_divisor``; the label keeps its full size."""
 
     img_scale: tuple[int, int] = (2048, 512)

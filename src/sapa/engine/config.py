@@ -5,12 +5,12 @@ plus ``task`` (``segmentation`` | ``detection``) and the ``preset`` it started f
 (:data:`PRESETS`, ``sapa train --preset NAME``):
 
 ==================  =================================================================================
-``segformer-b1``    SPEC §6.1: MiT-B1 + SegFormer head on ADE20K, crop 512, batch 16, AdamW lr 6e-5,
+``segformer-b1``    docs/SEMANTICS.md §6.1: MiT-B1 + SegFormer head on ADE20K, crop 512, batch 16, AdamW lr 6e-5,
                     betas (0.9, 0.999), wd 0.01, head lr x10, no decay on norms / pos_block, poly power
                     1.0, linear warmup 1500 iters (ratio 1e-6), 160k iters, eval every 16k.
-``upernet-r50``     SPEC §6.2: ResNet-50 UPerNet on ADE20K, batch 16, SyncBN, SGD lr 0.01 momentum 0.9
+``upernet-r50``     docs/SEMANTICS.md §6.2: ResNet-50 UPerNet on ADE20K, batch 16, SyncBN, SGD lr 0.01 momentum 0.9
                     wd 5e-4, poly power 0.9 (min lr 1e-4), 80k iters, eval every 8k.
-``faster-rcnn-1x``  SPEC §6.3: Faster R-CNN R50-FPN on COCO, batch 16, SGD lr 0.02 momentum 0.9 wd 1e-4,
+``faster-rcnn-1x``  docs/SEMANTICS.md §6.3: Faster R-CNN R50-FPN on COCO, batch 16, SGD lr 0.02 momentum 0.9 wd 1e-4,
                     linear warmup 500 iters from 0.001, lr x0.1 at epochs 8 and 11, 12 epochs.
 ``synthetic``       the demo: a tiny conv encoder + SegFormer head (embed 64) on the synthetic
                     segmentation set at 64x64, AdamW lr 2e-3, poly, 600 iters x batch 8; a minute or

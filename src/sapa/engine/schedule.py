@@ -1,4 +1,4 @@
-"""Iteration-based learning-rate schedules with the mmcv formulas (SPEC §6).
+"""Iteration-based learning-rate schedules with the mmcv formulas (docs/SEMANTICS.md §6).
 
 * poly: ``lr = (base - min_lr) * (1 - it / max_iters) ** power + min_lr``
 * step: ``lr = base * gamma ** (number of milestones <= it)`` (milestones in iterations)

@@ -2,7 +2,7 @@
 
 * :class:`TinyEncoder` — 4 stages at strides 4 / 8 / 16 / 32 (like MiT / ResNet), a few channels.
 * :class:`TinySegmenter` — TinyEncoder + the real SegFormer head (``sapa.models.segformer``,
-  six upsamplers, logits at stride 4), i.e. the SegFormer placement of SPEC §5.1 at toy width.
+  six upsamplers, logits at stride 4), i.e. the SegFormer placement of docs/SEMANTICS.md §5.1 at toy width.
 * :func:`tiny_faster_rcnn` — TinyEncoder + the real FPN (``sapa.models.fpn``, three swappable
   top-down upsamplers guided by the laterals) + torchvision's Faster R-CNN RPN / RoI heads, sized
   for 64x64 synthetic images.
@@ -21,7 +21,7 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 class TinyEncoder(nn.Module):
     """Four stages, outputs at strides (4, 8, 16, 32) with ``widths`` channels. Input sides must be
-    multiples of 32 for exact strides (the SAPA ops need exactly-divisible sizes, SPEC §1.2)."""
+    multiples of 32 for exact strides (the SAPA ops need exactly-divisible sizes, docs/SEMANTICS.md §1.2)."""
 
     def __init__(self, widths=(16, 32, 64, 128), in_channels: int = 3):
         super().__init__()

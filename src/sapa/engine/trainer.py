@@ -4,7 +4,7 @@ Run folder (``train.output``): ``config.json``, ``log.jsonl`` (one JSON record p
 evaluation), ``curves.png`` (loss and metrics), ``last.pt`` (everything needed to continue:
 model, optimizer, schedule, GradScaler, RNG states of every rank for torch / CUDA / numpy /
 python, iteration, best-so-far) and ``best.pt`` (the weights of the best periodic evaluation —
-the papers report the best of their periodic evaluations, SPEC §6.1).
+the papers report the best of their periodic evaluations, docs/SEMANTICS.md §6.1).
 
 Exact resumption: data order and augmentation are functions of (seed, epoch, position) through
 :class:`sapa.data.ResumableSampler`; the loaders own their generators, so nothing but the model's

@@ -1,8 +1,8 @@
 """Host networks of the papers' tables, each taking ``upsampler=`` (name | dict | class | list):
 
-* :class:`SegFormerHead` / :func:`segformer_b1` (MiT encoder from ``transformers``), SPEC §5.1;
-* :class:`UPerHead` / :func:`upernet_r50`, :func:`upernet_r101` (timm ResNetV1c), SPEC §5.2;
-* :class:`FPN` / :func:`faster_rcnn_r50`, :func:`faster_rcnn_r101` (torchvision), SPEC §5.3.
+* :class:`SegFormerHead` / :func:`segformer_b1` (MiT encoder from ``transformers``), docs/SEMANTICS.md §5.1;
+* :class:`UPerHead` / :func:`upernet_r50`, :func:`upernet_r101` (timm ResNetV1c), docs/SEMANTICS.md §5.2;
+* :class:`FPN` / :func:`faster_rcnn_r50`, :func:`faster_rcnn_r101` (torchvision), docs/SEMANTICS.md §5.3.
 
 Importing this package needs only torch: ``transformers``, ``timm`` and ``torchvision`` (the
 ``sapa[models]`` extra) are imported when a model that needs them is built. No weights are ever

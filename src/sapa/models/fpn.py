@@ -1,5 +1,5 @@
 """FPN (Lin et al., CVPR 2017) with swappable top-down upsamplers, as mmdet's ``FPN`` with
-``num_outs=5`` and no extra convs (SPEC §5.3, ``tiny-smart/detection-with-upsamplers``
+``num_outs=5`` and no extra convs (docs/SEMANTICS.md §5.3, ``tiny-smart/detection-with-upsamplers``
 ``fpn_upsample.py``)::
 
     lat[i]  = lateral_convs[i](C_{i+2})                          # 1x1, bias, no norm/act
@@ -38,7 +38,7 @@ class FPN(nn.Module):
             ``[2]``: 1/32 -> 1/16). A single instance raises ``TypeError``.
         xavier_upsamplers: also Xavier-initialise the convs inside the upsamplers. mmdet's FPN
             ``init_cfg`` (Xavier uniform on every ``Conv2d`` of the neck) most likely did this to the
-            papers' detection runs (SPEC §2.2 caveat); off by default.
+            papers' detection runs (docs/SEMANTICS.md §2.2 caveat); off by default.
 
     ``forward(features)`` (a list or a mapping of 4 maps) -> ``OrderedDict`` ``'0'..'3'`` (P2-P5) and
     ``'pool'`` (P6), the layout of torchvision's ``BackboneWithFPN``.

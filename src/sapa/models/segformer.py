@@ -1,5 +1,5 @@
 """SegFormer (Xie et al., NeurIPS 2021) with a swappable upsampler: the NVlabs all-MLP head and a
-MiT encoder from ``transformers`` (SPEC §5.1).
+MiT encoder from ``transformers`` (docs/SEMANTICS.md §5.1).
 
 Head wiring (``poppinace/fade`` ``segformer/segformer_head.py``, the code behind the papers'
 SegFormer-B1 tables): the four encoder stages are projected by per-pixel Linear layers to

@@ -1,5 +1,5 @@
 """UPerNet (Xiao et al., ECCV 2018) with a swappable upsampler in its FPN top-down path, on
-ResNetV1c-50/101, as mmseg's ``UPerHead`` + ``FCNHead`` auxiliary head (SPEC §5.2).
+ResNetV1c-50/101, as mmseg's ``UPerHead`` + ``FCNHead`` auxiliary head (docs/SEMANTICS.md §5.2).
 
 Top-down path (``tiny-smart/segmentation-with-upsamplers`` ``uper_head_upsample.py``), with
 ``up_{i-1} = upsamplers[i-1]``::

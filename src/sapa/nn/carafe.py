@@ -1,7 +1,7 @@
 """CARAFE: content-aware reassembly of features (Wang et al., ICCV 2019), as mmcv's ``CARAFEPack``.
 
 Source read: ``open-mmlab/mmcv`` ``mmcv/ops/carafe.py`` (``CARAFEPack``), the module every
-baseline run in the papers used through the forks' ``build_upsampler`` (SPEC §5.4).
+baseline run in the papers used through the forks' ``build_upsampler`` (docs/SEMANTICS.md §5.4).
 """
 from __future__ import annotations
 

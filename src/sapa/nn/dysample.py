@@ -3,7 +3,7 @@
 Source read: ``tiny-smart/dysample`` ``dysample.py`` (identical to the copy in
 ``tiny-smart/segmentation-with-upsamplers`` ``mmseg/models/upsamplers/dysample.py``, whose
 ``build_upsampler`` defaults are ``style='lp', groups=4, dyscope=False``). Not in the SAPA papers'
-tables; included because the same group's forks build it next to SAPA (SPEC §2.5, [C7]).
+tables; included because the same group's forks build it next to SAPA (docs/SEMANTICS.md §2.5, [C7]).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Sources read: ``poppinace/fade`` ``FADE_L2H.py`` (the ECCV module with the gate, used by the FADE
 SegFormer runs, ``segformer/segformer_head.py``) and ``tiny-smart/segmentation-with-upsamplers``
 ``mmseg/models/upsamplers/fade.py`` (same kernel generator, ``gating=False`` by default in the
-mmseg/mmdet forks). SPEC §5.4 explains both versions.
+mmseg/mmdet forks). docs/SEMANTICS.md §5.4 explains both versions.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IndexNet (Lu et al., ICCV 2019): learned index maps as an upsampler (SPEC §5.4, [C6]).
+"""IndexNet (Lu et al., ICCV 2019): learned index maps as an upsampler (docs/SEMANTICS.md §5.4, [C6]).
 
 Source read: ``poppinace/indexnet_matting`` ``scripts/hlindex.py`` (``DepthwiseM2OIndexBlock``) and
 ``scripts/hldecoder.py`` (``IndexedUpsamlping``: ``indices * F.interpolate(x, mode='nearest')``);
@@ -40,7 +40,7 @@ class IndexNet(Upsampler):
     strided conv and the result cropped; the official code requires an exactly divisible y.
 
     Params: ``s^4 * C * Cg`` = 16 C^2 = 1,048,576 at C = Cg = 256, s = 2. The papers' tables report
-    exactly twice this per upsampler in every table (SPEC §4.4); we count each parameter once.
+    exactly twice this per upsampler in every table (docs/SEMANTICS.md §4.4); we count each parameter once.
     """
 
     needs_guide = True

@@ -1,4 +1,4 @@
-"""Fixed and learned unguided baselines: nearest, bilinear, deconv, pixelshuffle (SPEC §5.4).
+"""Fixed and learned unguided baselines: nearest, bilinear, deconv, pixelshuffle (docs/SEMANTICS.md §5.4).
 
 Configurations as the forks' ``build_upsampler`` ([C3] ``tiny-smart/segmentation-with-upsamplers``
 ``mmseg/models/upsamplers/build_upsampler.py``, [C4] the mmdet fork):

@@ -1,6 +1,6 @@
 """The SAPA family: SAPA-I, SAPA-B, SAPA-G (window kernels) and SAPA-D (dynamic kernel shape).
 
-Semantics: SPEC §1-2; the ops are documented in :mod:`sapa.functional` (see ``sapa.functional.sapa``
+Semantics: docs/SEMANTICS.md §1-2; the ops are documented in :mod:`sapa.functional` (see ``sapa.functional.sapa``
 and ``sapa.functional.sapa_deform``). Values are always the raw, un-normalised decoder feature x.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _make_norm(kind, channels: int, owner: str, affine: bool = True) -> nn.Modul
 
 @register_upsampler("sapa_i")
 class SAPAI(Upsampler):
-    """SAPA-I: parameter-free inner-product similarity, ``q = y``, ``k = v = x`` (SPEC §2.1).
+    """SAPA-I: parameter-free inner-product similarity, ``q = y``, ``k = v = x`` (docs/SEMANTICS.md §2.1).
 
     Args:
         in_channels: C of x; the guide must have the same channel count.
@@ -60,7 +60,7 @@ class SAPAI(Upsampler):
 
 @register_upsampler("sapa_b")
 class SAPAB(Upsampler):
-    """SAPA-B: low-rank bilinear similarity ``<P_q norm(y), P_k norm(x)>`` (SPEC §2.2).
+    """SAPA-B: low-rank bilinear similarity ``<P_q norm(y), P_k norm(x)>`` (docs/SEMANTICS.md §2.2).
 
     Args:
         embedding_dim: d, default 32 (the papers' experiments).
@@ -105,7 +105,7 @@ class SAPAB(Upsampler):
 
 @register_upsampler("sapa_g")
 class SAPAG(Upsampler):
-    """SAPA-G: gated bilinear similarity, NeurIPS code ``SAPAExp(q_mode='gate')`` (SPEC §2.3).
+    """SAPA-G: gated bilinear similarity, NeurIPS code ``SAPAExp(q_mode='gate')`` (docs/SEMANTICS.md §2.3).
 
     ``g = sigmoid(Linear_{C->1}(LN(x)))`` at low res, nearest-upsampled;
     ``q = g * P_qy(LN(y)) + (1 - g) * P_qx(NN_up(x))`` (un-normalised x, as the official code);
@@ -142,7 +142,7 @@ class SAPAG(Upsampler):
 
 @register_upsampler("sapa_d")
 class SAPAD(Upsampler):
-    """SAPA-D: SAPA with a dynamic kernel shape (the extension's ``SAPADeform``, SPEC §2.4).
+    """SAPA-D: SAPA with a dynamic kernel shape (the extension's ``SAPADeform``, docs/SEMANTICS.md §2.4).
 
     ``q = Conv1x1(y)`` and ``k = Conv1x1(x)`` with G groups of d channels; per high-res pixel, group
     and point, an offset (x first, low-res pixels, no scaling, no base grid: all points start at the

@@ -1,4 +1,4 @@
-"""Numba CPU kernels of the deformable SAPA-D ops (SPEC §2.4): similarity, reassembly and the fused
+"""Numba CPU kernels of the deformable SAPA-D ops (docs/SEMANTICS.md §2.4): similarity, reassembly and the fused
 op; forward and backward (to q, k, v and the offsets). Wrapped as custom ops in ``op.py``; every
 kernel is a serial ``@njit(nogil=True)`` function of one band ``t`` of ``nb`` bands of rows, run on a
 thread pool by ``op.run_bands``.

@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) deformable ops of SAPA-D: a literal transcription of SPEC §2.4.
+"""Reference (pure PyTorch) deformable ops of SAPA-D: a literal transcription of docs/SEMANTICS.md §2.4.
 
 Point p of group g at high-res (i, j) samples low-res position (i//s + dy, j//s + dx), integer
 coordinates being pixel centres, with grid_sample(bilinear, zeros, align_corners=False) at the

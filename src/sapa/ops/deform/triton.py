@@ -1,7 +1,7 @@
 """Triton kernels for SAPA-D, the fused deformable similarity + softmax + reassembly (GPU; on CPU
 tensors under TRITON_INTERPRET=1). Kernels and launchers only; registration lives in op.py.
 
-Semantics (SPEC §2.4): point p of group g at high-res (i, j) sits at low-res (y, x) =
+Semantics (docs/SEMANTICS.md §2.4): point p of group g at high-res (i, j) sits at low-res (y, x) =
 (i // S + dy, j // S + dx) with integer coordinates at pixel centres; offset channel 2*(g*P + p) is
 dx and 2*(g*P + p) + 1 is dy. Samples are bilinear with floor-based corner weights, out-of-range
 corners contributing 0 (= grid_sample zeros padding, align_corners=False). Sampling is linear, so

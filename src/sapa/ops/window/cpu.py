@@ -1,4 +1,4 @@
-"""Numba CPU kernels of the window ops (SPEC §1): similarity, reassembly, fused SAPA; forward and
+"""Numba CPU kernels of the window ops (docs/SEMANTICS.md §1): similarity, reassembly, fused SAPA; forward and
 backward. Wrapped as custom ops in ``op.py``; nothing here knows about torch.
 
 Arguments are the tensors' own C-contiguous NCHW numpy views (op.py never transposes whole tensors):

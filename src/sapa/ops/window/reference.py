@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) window ops: a literal transcription of SPEC §1.
+"""Reference (pure PyTorch) window ops: a literal transcription of docs/SEMANTICS.md §1.
 
 unfold k / v at low resolution with zero padding K//2 -> [B, C, K*K, H, W]; view the high-res tensor
 as [B, C, H, s, W, s]; contract. Out-of-range window positions are zero keys (logit exactly 0, which

@@ -1,7 +1,7 @@
 """Triton kernels for the window ops (GPU; on CPU tensors under TRITON_INTERPRET=1, which is how CI
 checks them). Kernels and launchers only; custom-op registration and autograd live in op.py.
 
-Index conventions (SPEC §1): high-res pixel p = (i, j) of an [H', W'] map, flattened p = i * W' + j;
+Index conventions (docs/SEMANTICS.md §1): high-res pixel p = (i, j) of an [H', W'] map, flattened p = i * W' + j;
 low-res centre (i // S, j // S); window entry n = (dy + R) * K + (dx + R). Out-of-range window
 positions have key 0 (logit exactly 0, still in the softmax) and value 0.
 
