@@ -164,11 +164,30 @@ def choose_backend(op: str, *tensors, backend: str | None = None) -> str:
     raise RuntimeError(f"no backend can run {op}")  # unreachable: reference always accepts
 
 
-@torch.compiler.assume_constant_result
 def _choose_while_compiling(op: str, device_types: tuple[str, ...], backend: str | None) -> str:
     # torch.compile cannot trace the ContextVar read in choose_backend; the choice depends only on
     # the op, the devices and the settings, so it is made once here and frozen into the graph.
     return choose_backend(op, *[torch.empty(0, device=d) for d in device_types], backend=backend)
+
+
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import time.
+
+    The public decorator imports torch._dynamo (0.7 s of a 2 s ``import sapa``, most of
+    ``sapa --help``) only to set one attribute on ``fn``; when dynamo is already loaded the public
+    decorator is used, otherwise the attribute is set directly. tests/test_packaging.py checks that
+    the public decorator still marks a function exactly this way, so a torch that changes the
+    mechanism fails that test instead of silently breaking ``torch.compile(fullgraph=True)``.
+    """
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+_choose_while_compiling = _assume_constant_result(_choose_while_compiling)
 
 
 def get_impl(op: str, *tensors, backend: str | None = None) -> tuple[str, Callable]:
