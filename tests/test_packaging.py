@@ -81,3 +81,117 @@ def test_assume_constant_result_mechanism_unchanged():
     torch.compiler.assume_constant_result(f)
     assert vars(f) == {"_dynamo_marked_constant": True}
     assert B._choose_while_compiling._dynamo_marked_constant is True
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled-kernel cache (numba)
+
+_IGNORE = ("__pycache__",)
+# one small CPU op (compiles a single kernel) checked against the reference backend in the child
+_FIRST_CALL = (
+    "import json, torch, sapa.functional as F\n"
+    "torch.manual_seed(0)\n"
+    "q, k = torch.randn(1, 8, 6, 6), torch.randn(1, 8, 3, 3)\n"
+    "a = F.window_similarity(q, k, 3, 2, backend='cpu')\n"
+    "b = F.window_similarity(q, k, 3, 2, backend='reference')\n"
+    "from sapa.ops._common import kernel_cache_dir\n"
+    "print(json.dumps([float((a - b).abs().max()), kernel_cache_dir()]))\n")
+
+
+def _install_copy(dest: Path, read_only: bool) -> Path:
+    """A copy of the package as an installer would lay it out (site/sapa/...), without caches."""
+    import shutil
+
+    site = dest / "site"
+    shutil.copytree(SRC / "sapa", site / "sapa", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    if read_only:
+        for d, _, files in os.walk(site):
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o444)
+        for d, _, _ in os.walk(site, topdown=False):
+            os.chmod(d, 0o555)
+    return site
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _child_env(site: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAPA_CACHE_DIR", "XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "PYTHONPATH")}
+    # Python's own .pyc writing is not what is tested here (installers precompile); numba's is
+    env.update(PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1", SAPA_BACKEND="", **extra)
+    return env
+
+
+def _run_child(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=env.get("HOME") if os.path.isdir(env.get("HOME", "")) else None)
+
+
+def test_first_call_read_only_install_and_unwritable_home(tmp_path):
+    """Read-only install folder and a HOME that cannot hold ~/.cache: the first call works (the
+    kernels compile without a cache, one warning says so) and nothing is written under the package.
+    (Run as root, the mode bits do not stop writes; the snapshot comparison still catches any.)"""
+    site = _install_copy(tmp_path, read_only=True)
+    (tmp_path / "home_is_a_file").write_text("")
+    home = tmp_path / "home_is_a_file" / "home"  # under a regular file: no user can create it
+    before = _snapshot(site)
+    try:
+        proc = _run_child(_FIRST_CALL, _child_env(site, HOME=str(home)))
+        err, diff_and_dir = proc.stderr, (_json_out(proc) if proc.returncode == 0 else None)
+        assert proc.returncode == 0, err[-3000:]
+        assert diff_and_dir[0] < 1e-5
+        assert diff_and_dir[1] is None  # caching is off
+        assert err.count("without a cache") == 1, err
+        assert "cannot cache" not in err and "Traceback" not in err
+        assert _snapshot(site) == before
+    finally:
+        for d, _, _ in os.walk(site):
+            os.chmod(d, 0o755)
+
+
+def test_cache_folder_honoured_and_compile_logged_once(tmp_path):
+    """SAPA_CACHE_DIR receives the cache; the first process logs one 'compiling' line naming it,
+    a second process loads from it silently; nothing lands in the package folder."""
+    site = _install_copy(tmp_path, read_only=False)
+    cache = tmp_path / "kernel cache"
+    env = _child_env(site, HOME=str(tmp_path / "nohome"), SAPA_CACHE_DIR=str(cache))
+    before = _snapshot(site)
+    first = _run_child(_FIRST_CALL, env)
+    diff, where = _json_out(first)
+    assert diff < 1e-5
+    assert where == str(cache / "numba")
+    assert first.stderr.count("compiling the numba CPU kernels") == 1, first.stderr
+    assert str(cache / "numba") in first.stderr
+    cached = sorted(p.name for p in cache.rglob("*.nbi"))
+    assert any(n.startswith("cpu.similarity_fwd-") for n in cached), cached
+    second = _run_child(_FIRST_CALL, env)
+    assert _json_out(second)[0] < 1e-5
+    assert "compiling" not in second.stderr, second.stderr
+    assert _snapshot(site) == before
+    assert not (tmp_path / "nohome").exists()
+
+
+def test_cache_dir_flag(monkeypatch, tmp_path):
+    from sapa import flags
+
+    monkeypatch.delenv("SAPA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert flags.cache_dir() == str(tmp_path / "h" / ".cache" / "sapa")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert flags.cache_dir() == str(tmp_path / "xdg" / "sapa")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # ignored, as the XDG spec says
+    assert flags.cache_dir() == str(tmp_path / "h" / ".cache" / "sapa")
+    monkeypatch.setenv("SAPA_CACHE_DIR", str(tmp_path / "mine"))
+    assert flags.cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv("SAPA_CACHE_DIR", "relative")
+    with pytest.raises(ValueError, match="SAPA_CACHE_DIR must be an absolute path, got 'relative'"):
+        flags.cache_dir()

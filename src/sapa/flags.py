@@ -1,5 +1,8 @@
 """Every environment flag sapa reads, in one place.
 
+SAPA_CACHE_DIR    folder for compiled CPU kernels (default $XDG_CACHE_HOME/sapa, else ~/.cache/sapa;
+                  never the install folder). If it cannot be written, kernels compile without a
+                  cache in every process (one warning); see ``sapa.ops._common.numba_cache``.
 SAPA_BACKEND      force a backend for every op ("reference", "cpu", "triton"); unset = automatic.
 SAPA_LOG_LEVEL    log level of the ``sapa`` logger (e.g. DEBUG to see why a backend declined).
 SAPA_SLOW         "1" runs the long test sweeps (tests marked ``slow``).
@@ -37,6 +40,20 @@ def cpu_cache_bytes() -> int:
     if mb < 0:
         raise ValueError(f"SAPA_CPU_CACHE_MB must be >= 0, got {mb}")
     return mb << 20
+
+
+def cache_dir() -> str:
+    """SAPA_CACHE_DIR, else $XDG_CACHE_HOME/sapa (when absolute), else ~/.cache/sapa."""
+    path = _env("SAPA_CACHE_DIR")
+    if path is not None:
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):
+            raise ValueError(f"SAPA_CACHE_DIR must be an absolute path, got {path!r}")
+        return path
+    xdg = _env("XDG_CACHE_HOME")
+    if xdg is not None and os.path.isabs(xdg):  # the XDG spec says to ignore relative values
+        return os.path.join(xdg, "sapa")
+    return os.path.join(os.path.expanduser("~"), ".cache", "sapa")
 
 
 def triton_interpret() -> bool:

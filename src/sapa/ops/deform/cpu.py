@@ -46,15 +46,20 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .._common import numba_cache
+
 # fastmath without 'nnan'/'ninf': reassociation (vectorised reductions) is what buys speed; the
 # outside-the-map test must stay exact for NaN/inf offsets, or a NaN coordinate becomes an index.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_JIT = dict(nogil=True, fastmath=_FAST, cache=True)
+# cache=_CACHE: kernels are cached under SAPA_CACHE_DIR (never the install folder), or not at all
+# when no folder is writable; see sapa.ops._common.numba_cache
+_CACHE = numba_cache()
+_JIT = dict(nogil=True, fastmath=_FAST, cache=_CACHE)
 # Helpers are inlined at numba-IR level: left to LLVM, the deform kernels' helpers were not inlined,
 # and the fused backward ran at 135-145 ms instead of 75 ms on one thread (forward 49 -> 45 ms).
 # Cost: the cold compile of the deform tests takes 69 s instead of 54 s (window/cpu.py, where LLVM
 # does inline, keeps the default).
-_INLINE = dict(fastmath=_FAST, cache=True, inline="always")
+_INLINE = dict(fastmath=_FAST, cache=_CACHE, inline="always")
 # spare channels in the channels-last row buffers: a 1 KB row stride (C = 256 floats) maps the
 # strided transposes onto 4 of L1's 64 sets (see window/cpu.py, where padding halved that cost)
 _PAD = 16
@@ -454,7 +459,7 @@ def _zero_band(buf, t, band_base, W, Cl):
     buf[band_base[t] * W * Cl:end * W * Cl] = 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def to_cl(t, nb, x, Cl, out):
     """Flat channels-last copy: out[((b*H + y)*W + xx)*Cl + c] = x[b, c, y, xx] (channel stride Cl =
     C + _PAD; the spare channels are zeroed; op.py zeroes the tail of Cl entries that outside corners
@@ -733,7 +738,7 @@ def sapa_bwd(t, nb, go, q, kf, vf, H, W, off, sv, P, G, s, band_lo, band_base, g
 
 
 # ------------------------------------------------------------------------------------ band helpers
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def band_rows(t, nb, off, P, G, s, H, lo, hi):
     """lo[t], hi[t]: first and last flattened low-res row (b*H + y) that band t's points can touch
     (hi < lo when none). Bands split the B*H' output rows evenly. No fastmath: NaN offsets must fail
@@ -757,7 +762,7 @@ def band_rows(t, nb, off, P, G, s, H, lo, hi):
     hi[t] = mx
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def band_reduce(t, nb, buf, lo, hi, base, out):
     """out[b, c, y, x] = sum over bands u with lo[u] <= b*H + y <= hi[u] of
     buf[((base[u] + b*H + y - lo[u])*W + x)*Cl + c] (flat channels-last band buffers, channel stride

@@ -38,8 +38,8 @@ How the work is organised (numbers: B=2, C=256, d=32, 64x64 -> 128x128, K=5, flo
   not depend on the number of threads (bitwise).
 
 Specialisations: each kernel compiles once per float dtype (float32, float64; half precision is
-computed in float32 by op.py) for C-contiguous arrays; ints arrive as int64. ``cache=True`` keeps the
-machine code in __pycache__ (or NUMBA_CACHE_DIR) across processes. Cold compile of all twelve
+computed in float32 by op.py) for C-contiguous arrays; ints arrive as int64. ``cache=`` keeps the
+machine code in the sapa cache folder (SAPA_CACHE_DIR, see sapa.flags) across processes. Cold compile of all twelve
 window + deform kernels in both dtypes: 41 s on one core (1.2 s to load them from the cache);
 with ``parallel=True``/prange it was ~90 s (parfor lowering added ~2 s per kernel and dtype).
 """
@@ -48,15 +48,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._common import numba_cache
+
 # fastmath without 'nnan'/'ninf': reassociation (vectorised dot products and sums) is what buys
 # speed; keeping inf/NaN semantics lets NaN inputs propagate as they do in the reference.
 _FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_JIT = dict(nogil=True, fastmath=_FAST, cache=True)
+# cache=_CACHE: kernels are cached under SAPA_CACHE_DIR (never the install folder), or not at all
+# when no folder is writable; see sapa.ops._common.numba_cache
+_CACHE = numba_cache()
+_JIT = dict(nogil=True, fastmath=_FAST, cache=_CACHE)
 # helpers are inlined at numba-IR level (inline="always"). Left to LLVM they were not always inlined:
 # measured by `sapa bench --quick --ops sapa` on 2 threads, the fused forward took 12.6-13.1 ms
 # without and 8.7-9.0 ms with (fwd+bwd 29-31 -> 25-27 ms). The cold compile is slower (see
 # ops/deform/cpu.py, where the backward ran 1.8x faster).
-_HELPER = dict(fastmath=_FAST, cache=True, inline="always")
+_HELPER = dict(fastmath=_FAST, cache=_CACHE, inline="always")
 # Channels-last local buffers get 16 spare channels: with C = 256 floats (1 KB) per pixel, the
 # strided element-wise transposes hit only 4 of L1's 64 sets and thrashed; the padding halved the
 # cost of writing the output back to NCHW (6 -> 3 ms per 33 MB on one core).
