@@ -77,7 +77,7 @@ def _tensors(tensors) -> list[torch.Tensor]:
     return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
-def can_run_reference(op: str, *tensors, raise_error: bool = False) -> bool:
+def can_run_reference(op: str, *tensors: object, raise_error: bool = False) -> bool:
     if _load(op, "reference") is None:
         return _decline(f"reference: no implementation of {op}", raise_error)
     return True
@@ -91,7 +91,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def can_run_cpu(op: str, *tensors, raise_error: bool = False) -> bool:
+def can_run_cpu(op: str, *tensors: object, raise_error: bool = False) -> bool:
     ts = _tensors(tensors)
     bad = [t.device for t in ts if t.device.type != "cpu"]
     if bad:
@@ -103,7 +103,7 @@ def can_run_cpu(op: str, *tensors, raise_error: bool = False) -> bool:
     return True
 
 
-def can_run_triton(op: str, *tensors, raise_error: bool = False) -> bool:
+def can_run_triton(op: str, *tensors: object, raise_error: bool = False) -> bool:
     ts = _tensors(tensors)
     on_cuda = all(t.device.type == "cuda" for t in ts)
     if not on_cuda and not (flags.triton_interpret() and all(t.device.type == "cpu" for t in ts)):
@@ -145,7 +145,7 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
-def choose_backend(op: str, *tensors, backend: str | None = None) -> str:
+def choose_backend(op: str, *tensors: object, backend: str | None = None) -> str:
     """Name of the backend that will run ``op`` on ``tensors``."""
     requested = backend or _forced.get() or flags.backend_override()
     if requested is not None:
@@ -190,7 +190,7 @@ def _assume_constant_result(fn: Callable) -> Callable:
 _choose_while_compiling = _assume_constant_result(_choose_while_compiling)
 
 
-def get_impl(op: str, *tensors, backend: str | None = None) -> tuple[str, Callable]:
+def get_impl(op: str, *tensors: object, backend: str | None = None) -> tuple[str, Callable]:
     if torch.compiler.is_compiling():
         devices = tuple(sorted({t.device.type for t in tensors if isinstance(t, torch.Tensor)}))
         name = _choose_while_compiling(op, devices, backend)

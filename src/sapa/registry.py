@@ -106,7 +106,7 @@ def get_upsampler_class(name: str) -> type[Upsampler]:
 
 
 def build_upsampler(spec: Any, in_channels: int, guide_channels: int | None = None, scale_factor: int = 2,
-                    **kwargs) -> Upsampler:
+                    **kwargs: Any) -> Upsampler:
     """Build an upsampler from a name, ``dict(type=name, **kw)``, an ``Upsampler`` class or instance.
 
     ``kwargs`` (and the dict's other keys) go to the constructor. An instance is returned as is

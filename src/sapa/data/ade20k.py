@@ -12,6 +12,7 @@ other value v becomes v - 1, so classes are 0..149.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ class ADE20K(Dataset):
     num_classes = 150
     ignore_index = 255
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", pipeline="auto",
+    def __init__(self, root: str | os.PathLike, split: str = "train", pipeline: str | Callable | None = "auto",
                  reduce_zero_label: bool = True, check_files: bool = True):
         if split not in _SPLITS:
             raise ValueError(f"ADE20K: split must be one of {sorted(_SPLITS)}, got {split!r}")

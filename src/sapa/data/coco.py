@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ class COCODetection(Dataset):
         return image, target
 
 
-def detection_collate(batch):
+def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
     """Lists of images and targets (detectors take variable-size images)."""
     images, targets = zip(*batch)
     return list(images), list(targets)

@@ -120,7 +120,7 @@ def _shape_mask(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
 
 
 def render_scene(seed: int, split: str, index: int, size: int = 64, min_shapes: int = 3, max_shapes: int = 6,
-                 noise: float = 8.0):
+                 noise: float = 8.0) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
     """Draw one scene. Returns ``(image uint8 [H, W, 3], label uint8 [H, W], instances)`` where
     ``instances`` is a list of ``(class_id, bool mask [H, W])`` of the *visible* part of each shape
     (after occlusion), in drawing order; shapes that end up fully hidden are dropped."""
@@ -242,7 +242,7 @@ class SyntheticDetection(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def raw(self, index: int):
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         if self._cache is not None and index in self._cache:

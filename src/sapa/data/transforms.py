@@ -32,7 +32,7 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def resize(img: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):
+def resize(img: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize ``img`` [H, W, 3] (float32) bilinearly and ``label`` [H, W] by nearest to ``size``."""
     if img.shape[:2] == tuple(size):
         return img, label
@@ -46,7 +46,7 @@ def resize(img: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):
 
 
 def random_crop(img: np.ndarray, label: np.ndarray, crop: tuple[int, int], rng: np.random.Generator,
-                cat_max_ratio: float = 0.75, ignore_index: int = 255, attempts: int = 10):
+                cat_max_ratio: float = 0.75, ignore_index: int = 255, attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """mmseg RandomCrop: up to ``attempts`` tries to find a crop where no single class covers more
     than ``cat_max_ratio`` of the labelled pixels (needs at least two classes); else the last try."""
     ch, cw = crop
@@ -94,7 +94,9 @@ def _hsv_to_rgb(h, s, v):
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32,
-                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18):
+                           contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5),
+                           hue_delta: int = 18) -> np.ndarray:
     """mmseg PhotoMetricDistortion on a float [H, W, 3] RGB image in [0, 255]: each step with
     probability 0.5 — brightness (+U(-32, 32)), contrast (xU(0.5, 1.5), before or after the colour
     steps, chosen at random), saturation (S x U(0.5, 1.5)), hue (H + randint(-18, 18) in OpenCV's
@@ -124,7 +126,8 @@ def normalize(img: np.ndarray) -> torch.Tensor:
     return (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def pad(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int], ignore_index: int = 255):
+def pad(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int],
+        ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bottom/right to ``size``: image with 0 (after normalisation, as mmseg), label with 255."""
     h, w = label.shape
     ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
@@ -146,7 +149,8 @@ class SegTrainPipeline:
     photometric: bool = True
     ignore_index: int = 255
 
-    def __call__(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+    def __call__(self, img: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ratio = rng.uniform(*self.ratio_range)
         scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
         img, label = resize(img.astype(np.float32), label, rescale_size(*label.shape, scale))
@@ -168,7 +172,8 @@ class SegEvalPipeline:
     img_scale: tuple[int, int] = (2048, 512)
     size_divisor: int | None = 32
 
-    def __call__(self, img: np.ndarray, label: np.ndarray, rng=None):
+    def __call__(self, img: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rescale_size(*label.shape, self.img_scale)
         if self.size_divisor:
             d = self.size_divisor

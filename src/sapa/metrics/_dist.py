@@ -1,6 +1,8 @@
 """Small torch.distributed helpers used by the metric states (no-ops without a process group)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -20,7 +22,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj: Any) -> list:
     """One entry per rank (``[obj]`` without a process group)."""
     if not is_distributed():
         return [obj]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ class COCOBoxEvaluator:
             default: identity (labels are the category ids).
     """
 
-    def __init__(self, coco_gt=None, label_to_cat=None):
+    def __init__(self, coco_gt: Any = None, label_to_cat: Sequence[int] | dict[int, int] | None = None):
         self.coco_gt = coco_gt
         self.label_to_cat = label_to_cat
         self.detections: dict[int, list[dict]] = {}

@@ -13,7 +13,16 @@ _names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswit
 for _name in sorted(_names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
     importlib.import_module(f"{__name__}.{_name}")
 
+# every built-in upsampler class, in the papers' table order (tests/test_packaging.py checks that
+# each registered built-in is exported here)
+from .a2u import A2U  # noqa: E402
+from .carafe import CARAFE  # noqa: E402
+from .dysample import DySample  # noqa: E402
+from .fade import FADE  # noqa: E402
+from .indexnet import IndexNet  # noqa: E402
+from .interp import Bilinear, Deconv, Nearest, PixelShuffle  # noqa: E402
 from .sapa import SAPAB, SAPAD, SAPAG, SAPAI  # noqa: E402
 
 __all__ = ["Upsampler", "build_upsampler", "list_upsamplers", "register_upsampler",
-           "SAPAI", "SAPAB", "SAPAG", "SAPAD"]
+           "Nearest", "Bilinear", "Deconv", "PixelShuffle", "CARAFE", "IndexNet", "A2U", "FADE",
+           "SAPAI", "SAPAB", "SAPAG", "SAPAD", "DySample"]

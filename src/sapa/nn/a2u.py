@@ -50,8 +50,9 @@ class A2U(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=3, encoder_kernel=6,
-                 rank=1, norm_groups=32):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 3, encoder_kernel: int = 6,
+                 rank: int = 1, norm_groups: int = 32):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         self.encoder_kernel = C.positive_int("encoder_kernel", encoder_kernel)
@@ -101,13 +102,13 @@ class A2U(Upsampler):
         logits = F.pixel_shuffle(torch.einsum("bmd,bdhw->bmhw", p, a), s)
         return crop(torch.softmax(torch.sigmoid(logits), dim=1), size)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         if x.shape[0] == 0:  # grouped conv with groups = batch = 0 is undefined
             return x.new_zeros(0, x.shape[1], *size)
         w = self.kernels(x, guide)
         return Fn.reassemble(w, x, self.kernel_size, self.scale_factor, 1).to(x.dtype)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, "
                 f"encoder_kernel={self.encoder_kernel}, rank={self.rank}, norm_groups={self.norm_groups}")

@@ -44,8 +44,9 @@ class CARAFE(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=5, groups=1,
-                 encoder_kernel=3, encoder_dilation=1, compressed_channels=64):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 5, groups: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         self.groups = C.positive_int("groups", groups)
@@ -75,11 +76,11 @@ class CARAFE(Upsampler):
         m = torch.softmax(m.view(B, G, K * K, Hh, Wh), dim=2).view(B, G * K * K, Hh, Wh)
         return m if size is None else crop(m, size)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         return Fn.reassemble(self.kernels(x, size), x, self.kernel_size, self.scale_factor, self.groups)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, groups={self.groups}, "
                 f"encoder_kernel={self.encoder_kernel}, encoder_dilation={self.encoder_dilation}, "
                 f"compressed_channels={self.compressed_channels}")

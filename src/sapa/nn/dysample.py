@@ -60,7 +60,8 @@ class DySample(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, style="lp", groups=4, dyscope=False):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 style: str = "lp", groups: int = 4, dyscope: bool = False):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         if style not in ("lp", "pl"):
             raise ValueError(f"DySample: style must be 'lp' or 'pl', got {style!r}")
@@ -82,7 +83,8 @@ class DySample(Upsampler):
             nn.init.zeros_(self.scope.weight)
             nn.init.zeros_(self.scope.bias)
 
-    def init_pos(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    def init_pos(self, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
         """Initial sub-pixel offsets ``[1, 2*G*s^2, 1, 1]``, layout ``[x/y, group, sub-row, sub-col]``."""
         s, G = self.scale_factor, self.groups
         h = (torch.arange(s, dtype=torch.float64, device=device) - (s - 1) / 2) / s
@@ -120,10 +122,10 @@ class DySample(Upsampler):
                             padding_mode="border", align_corners=False)
         return out.view(B, Cx, s * H, s * W).to(x.dtype)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         return crop(self.sample(x, self.offsets(x)), size)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", style={self.style!r}, groups={self.groups}, "
                 f"dyscope={self.dyscope}")

@@ -56,8 +56,9 @@ class FADE(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=5, gating=True,
-                 embedding_dim=64, encoder_kernel=3):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 5, gating: bool = True,
+                 embedding_dim: int = 64, encoder_kernel: int = 3):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         self.gating = bool(gating)
@@ -85,7 +86,7 @@ class FADE(Upsampler):
         """``sigmoid(NN_up(Conv1x1(x)))`` ``[B, 1, H', W']`` (sigmoid and nearest upsampling commute)."""
         return nearest_up(torch.sigmoid(self.gate(x)), self.scale_factor, size)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         up = Fn.reassemble(self.kernels(x, guide), x, self.kernel_size, self.scale_factor, 1)
         if not self.gating:
@@ -93,6 +94,6 @@ class FADE(Upsampler):
         g = self.gate_map(x, size)
         return (g * guide + (1 - g) * up).to(x.dtype)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, gating={self.gating}, "
                 f"embedding_dim={self.embedding_dim}, encoder_kernel={self.encoder_kernel}")

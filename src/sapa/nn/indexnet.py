@@ -45,7 +45,7 @@ class IndexNet(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         s = self.scale_factor
         self.index_conv = nn.Conv2d(self.guide_channels, s * s * self.in_channels, s, stride=s, bias=False)
@@ -72,7 +72,7 @@ class IndexNet(Upsampler):
         y = torch.sigmoid(self._logits(x, guide))
         return crop(self._shuffle(torch.softmax(y, dim=1)), size), crop(self._shuffle(y), size)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         idx_de = crop(self._shuffle(torch.sigmoid(self._logits(x, guide))), size)
         return (idx_de * nearest_up(x, self.scale_factor, size)).to(x.dtype)

@@ -15,6 +15,7 @@ The learned two keep PyTorch's default initialisation, as the official configs d
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,10 +30,10 @@ class Nearest(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         return nearest_up(x, self.scale_factor, size)
 
@@ -47,11 +48,12 @@ class Bilinear(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, align_corners=False):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 align_corners: bool = False):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.align_corners = bool(align_corners)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         s = self.scale_factor
         # size=(s*H, s*W) rather than scale_factor=s: identical sampling positions for
@@ -60,7 +62,7 @@ class Bilinear(Upsampler):
                             align_corners=self.align_corners)
         return crop(out, size)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", align_corners={self.align_corners}"
 
 
@@ -79,18 +81,19 @@ class Deconv(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=3):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 3):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         s = self.scale_factor
         self.deconv = nn.ConvTranspose2d(in_channels, in_channels, kernel_size, stride=s,
                                          padding=kernel_size // 2, output_padding=s - 1)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         return crop(self.deconv(x), size)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel_size={self.kernel_size}"
 
 
@@ -105,15 +108,16 @@ class PixelShuffle(Upsampler):
 
     needs_guide = False
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=3):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 3):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         s = self.scale_factor
         self.conv = nn.Conv2d(in_channels, in_channels * s * s, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         return crop(F.pixel_shuffle(self.conv(x), self.scale_factor), size)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel_size={self.kernel_size}"

@@ -40,7 +40,8 @@ class SAPAI(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=5, norm=None):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 5, norm: bool | str | None = None):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         if self.guide_channels != self.in_channels:
             raise ValueError(f"SAPAI: the inner product needs guide_channels == in_channels, got "
@@ -50,11 +51,11 @@ class SAPAI(Upsampler):
         self.norm_y = _make_norm(norm, in_channels, "SAPAI", affine=False)
         self.norm_x = _make_norm(norm, in_channels, "SAPAI", affine=False)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         self.output_size(x, guide)
         return Fn.sapa(self.norm_y(guide), self.norm_x(x), x, self.kernel_size, self.scale_factor)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel_size={self.kernel_size}, norm={self.norm!r}"
 
 
@@ -75,8 +76,9 @@ class SAPAB(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=5, embedding_dim=32,
-                 version="journal", norm=True, qkv_bias=True):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 5, embedding_dim: int = 32,
+                 version: str = "journal", norm: bool | str | None = True, qkv_bias: bool = True):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         self.embedding_dim = C.positive_int("embedding_dim", embedding_dim)
@@ -92,13 +94,13 @@ class SAPAB(Upsampler):
             self.norm_x = _make_norm(norm, cx, "SAPAB")
             self.q, self.k = conv1x1(cy, d, qkv_bias), conv1x1(cx, d, qkv_bias)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         self.output_size(x, guide)
         q = self.q(self.norm_y(guide))
         k = self.k(self.norm_x(x))
         return Fn.sapa(q, k, x, self.kernel_size, self.scale_factor)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, embedding_dim={self.embedding_dim}, "
                 f"version={self.version!r}")
 
@@ -116,8 +118,9 @@ class SAPAG(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, kernel_size=5, embedding_dim=32,
-                 qkv_bias=True):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 kernel_size: int = 5, embedding_dim: int = 32,
+                 qkv_bias: bool = True):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.kernel_size = C.kernel_size(kernel_size)
         self.embedding_dim = C.positive_int("embedding_dim", embedding_dim)
@@ -128,7 +131,7 @@ class SAPAG(Upsampler):
         self.k = Linear2d(cx, d, qkv_bias)
         self.gate = Linear2d(cx, 1, True)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         s = self.scale_factor
         x_n = self.norm_x(x)
@@ -136,7 +139,7 @@ class SAPAG(Upsampler):
         q = g * self.q(self.norm_y(guide)) + (1 - g) * nearest_up(self.q_x(x), s, size)
         return Fn.sapa(q, self.k(x_n), x, self.kernel_size, s)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel_size={self.kernel_size}, embedding_dim={self.embedding_dim}"
 
 
@@ -157,8 +160,10 @@ class SAPAD(Upsampler):
 
     needs_guide = True
 
-    def __init__(self, in_channels, *, guide_channels=None, scale_factor=2, num_points=9, groups=4,
-                 embedding_dim=32, qkv_bias=True, high_offset=True, norm=False):
+    def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2,
+                 num_points: int = 9, groups: int = 4,
+                 embedding_dim: int = 32, qkv_bias: bool = True, high_offset: bool = True,
+                 norm: bool | str | None = False):
         super().__init__(in_channels, guide_channels=guide_channels, scale_factor=scale_factor)
         self.num_points = C.positive_int("num_points", num_points)
         self.groups = C.positive_int("groups", groups)
@@ -174,7 +179,7 @@ class SAPAD(Upsampler):
         self.k = conv1x1(cx, gd, qkv_bias)
         self.offset = conv1x1(cx, 2 * gp * (s * s if self.high_offset else 1), True)
 
-    def forward(self, x, guide=None):
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         s = self.scale_factor
         x_n = self.norm_x(x)
@@ -186,6 +191,6 @@ class SAPAD(Upsampler):
         q = self.q(self.norm_y(guide))
         return Fn.sapa_deform(q, self.k(x_n), x, off, self.num_points, self.groups, s)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_points={self.num_points}, groups={self.groups}, "
                 f"embedding_dim={self.embedding_dim}, high_offset={self.high_offset}, norm={self.norm!r}")
