@@ -224,9 +224,17 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 class MacCounter:
     """Context manager counting MACs of everything run inside it (see the module docstring).
 
-        >>> with MacCounter() as mc:
-        ...     model(x)
+        >>> import torch, sapa.functional as F
+        >>> conv, x = torch.nn.Conv2d(4, 8, 1), torch.randn(1, 4, 2, 2)
+        >>> with MacCounter() as mc:          # 1x1 conv: 4 * 8 MACs at each of 2 * 2 pixels
+        ...     y = conv(x)
         >>> mc.macs, mc.by_op
+        (128, {'aten.convolution': 128})
+        >>> q, k = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)
+        >>> with MacCounter() as mc:          # (d + C) * K^2 * H' * W' = 8 * 9 * 16
+        ...     out = F.sapa(q, k, k, kernel_size=3, scale_factor=2)
+        >>> mc.by_op
+        {'sapa.sapa': 1152}
 
     Args:
         sampling_macs: MACs of one bilinear sample per scalar (SAPA-D, grid_sample); default 4.

@@ -154,7 +154,11 @@ class SegFormer(nn.Module):
 
     Args:
         config: a ``SegformerConfig`` (see :func:`mit_config`) or a dict of its fields.
-        num_classes, upsampler, embed_dim, dropout, align_corners: see :class:`SegFormerHead`.
+        num_classes: see :class:`SegFormerHead`.
+        upsampler: see :class:`SegFormerHead`.
+        embed_dim: see :class:`SegFormerHead`.
+        dropout: see :class:`SegFormerHead`.
+        align_corners: see :class:`SegFormerHead`.
 
     ``forward(img [B, 3, H, W])`` returns logits ``[B, num_classes, ceil(H/4), ceil(W/4)]`` (any
     H, W: the MiT strides are ceil-mode). Attributes ``backbone`` and ``decode_head``.
