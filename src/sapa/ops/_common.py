@@ -134,8 +134,8 @@ class _CompileNotice:
         self.done = True
         root = _cache_state.get("root")
         where = f"cached in {root}" if root else "not cached"
-        _log.warning("sapa: compiling the numba CPU kernels (first use; about 10-40 s, %s). "
-                     "`sapa warmup` does it ahead of time.", where)
+        _log.warning("sapa: compiling the numba CPU kernels on first use (once per kernel and dtype: "
+                     "10 s to a few minutes; %s). `sapa warmup` does it ahead of time.", where)
 
     def on_end(self, event) -> None:
         pass
