@@ -275,3 +275,15 @@ def test_warmup_builds_every_cpu_kernel():
     assert all(f"[{i}/6]" in lines[i] for i in range(1, 7))
     with pytest.raises(ValueError, match=r"dtypes must be among \['float32', 'float64'\], got \['float16'\]"):
         warmup(["float16"])
+
+
+def test_list_run_reports_progress_on_stderr(capsys):
+    from sapa.cli import main
+
+    assert main(["list", "sapa_[ib]", "--run", "--json", "--channels", "32", "--size", "4", "--batch", "1",
+                 "--repeats", "1"]) == 0
+    cap = capsys.readouterr()
+    assert [json.loads(line)["upsampler"] for line in cap.out.splitlines()] == ["sapa_i", "sapa_b"]
+    assert "sapa list: [1/2] sapa_i ..." in cap.err and "sapa list: [2/2] sapa_b ..." in cap.err
+    assert main(["list", "sapa_[ib]", "--json"]) == 0  # without --run: no progress lines
+    assert "sapa list:" not in capsys.readouterr().err

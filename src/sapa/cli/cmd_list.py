@@ -3,6 +3,7 @@ and backward pass of each on a random feature pair (C=256, 32x32 -> 64x64 by def
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 
@@ -46,7 +47,9 @@ def run(args) -> int:
     C, H = args.channels, args.size
     x = torch.randn(args.batch, C, H, H)
     guide = torch.randn(args.batch, C, 2 * H, 2 * H)
-    for name in names:
+    for i, name in enumerate(names, 1):
+        if args.run:  # progress on stderr: the first runs also compile the CPU kernels (see `sapa warmup`)
+            print(f"sapa list: [{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
         cls = get_upsampler_class(name)
         up = build_upsampler(name, C)
         row = {"upsampler": name, "guided": cls.needs_guide,
