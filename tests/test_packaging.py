@@ -287,3 +287,84 @@ def test_list_run_reports_progress_on_stderr(capsys):
     assert "sapa list: [1/2] sapa_i ..." in cap.err and "sapa list: [2/2] sapa_b ..." in cap.err
     assert main(["list", "sapa_[ib]", "--json"]) == 0  # without --run: no progress lines
     assert "sapa list:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# optional dependencies
+
+def test_tested_versions_match_constraints():
+    from sapa._optional import EXTRA, TESTED
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert {p: pins[p] for p in TESTED} == TESTED
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for pkg, extra in EXTRA.items():
+        assert any(req.startswith(pkg) for req in extras[extra]), (pkg, extra)
+
+
+_BLOCK = (
+    "import sys, importlib.abc\n"
+    "class Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == {pkg!r}:\n"
+    "            {action}\n"
+    "sys.meta_path.insert(0, Block())\n")
+
+
+def _with_blocked(pkg: str, action: str, code: str) -> subprocess.CompletedProcess:
+    return _run(_BLOCK.format(pkg=pkg, action=action) + code)
+
+
+@pytest.mark.parametrize("pkg,call,extra", [
+    ("timm", "sapa.models.upernet_r50()", "models"),
+    ("transformers", "sapa.models.segformer_b1()", "models"),
+    ("torchvision", "sapa.models.faster_rcnn_r50()", "models"),
+    ("pycocotools", "sapa.metrics.COCOBoxEvaluator().compute()", "train"),
+])
+def test_missing_optional_dependency_is_one_clear_error(pkg, call, extra):
+    from sapa._optional import TESTED
+
+    proc = _with_blocked(pkg, "raise ModuleNotFoundError(f'No module named {name!r}', name=name)",
+                         f"import sapa.models, sapa.metrics\n"
+                         f"from sapa._optional import OptionalDependencyError\n"
+                         f"try:\n    {call}\nexcept OptionalDependencyError as e:\n    print('ERR', e)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msg = proc.stdout.split("ERR ", 1)[1].strip()
+    assert f"needs {pkg}" in msg and f"pip install 'sapa[{extra}]'" in msg, msg
+    assert f"{pkg}=={TESTED[pkg]}" in msg and "constraints.txt" in msg, msg
+
+
+def test_torchvision_built_for_another_torch_names_the_pair():
+    """The failure of the issue: importing torchvision raises 'operator torchvision::nms does not
+    exist'. Simulated by a finder raising it; every host that needs torchvision (timm does too)
+    says which pair to install, in one line from the CLI-facing error type."""
+    from sapa._optional import TESTED
+
+    proc = _with_blocked("torchvision", "raise RuntimeError('operator torchvision::nms does not exist')",
+                         "import sapa.models\n"
+                         "from sapa._optional import OptionalDependencyError\n"
+                         "for f in (sapa.models.faster_rcnn_r50, sapa.models.upernet_r50):\n"
+                         "    try:\n        f()\n    except OptionalDependencyError as e:\n        print('ERR', e)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msgs = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ERR ")]
+    assert len(msgs) == 2, proc.stdout + proc.stderr[-2000:]
+    for msg in msgs:
+        assert "built for another torch" in msg, msg
+        assert f"torch=={TESTED['torch']} with torchvision=={TESTED['torchvision']}" in msg, msg
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_reports_optional_dependency_error_in_one_line(monkeypatch, capsys):
+    import sapa.registry
+    from sapa._optional import OptionalDependencyError, missing_message
+    from sapa.cli import main
+
+    def boom(*a, **k):
+        raise OptionalDependencyError(missing_message("timm", "the ResNet encoder (UPerNet)"))
+
+    monkeypatch.setattr(sapa.registry, "list_upsamplers", boom)
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sapa list: error: the ResNet encoder (UPerNet) needs timm"), err

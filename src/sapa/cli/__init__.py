@@ -43,6 +43,8 @@ def _arm_hang_dump() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .._optional import OptionalDependencyError  # missing/mismatched extras: one line, no traceback
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _arm_hang_dump()
         rc = args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, OptionalDependencyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sapa {args.command}: error: {msg}", file=sys.stderr)
         return 2

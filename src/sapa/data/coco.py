@@ -39,10 +39,10 @@ class COCODetection(Dataset):
             raise FileNotFoundError(f"COCODetection: annotation file not found: {self.ann_file}")
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"COCODetection: image folder not found: {self.img_dir}")
-        try:
+        from .._optional import optional_import
+
+        with optional_import("pycocotools", "COCODetection"):
             from pycocotools.coco import COCO
-        except ImportError as err:  # pragma: no cover
-            raise ImportError("COCODetection needs pycocotools: pip install 'sapa[train]'") from err
         import contextlib
         import io
         try:

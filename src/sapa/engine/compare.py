@@ -277,9 +277,12 @@ def _boundary_error_map(pred: np.ndarray, gt: np.ndarray, num_classes: int, d: i
 def plot_predictions(result: CompareResult, cfg, path) -> Path:
     """For each figure image: the image and its ground truth, then per upsampler (seed 0) the
     prediction (top) and its boundary errors (bottom)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from .._optional import optional_import
+
+    with optional_import("matplotlib", "the comparison figure"):
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
 
     from ..data import SyntheticSegmentation
     from ..metrics.segmentation import dilation_pixels

@@ -46,9 +46,12 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "") -
     evals = [r for r in records if r.get("type") == "eval"]
     if not train and not evals:
         return None
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from .._optional import optional_import
+
+    with optional_import("matplotlib", "the training-curve plot"):
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]

@@ -78,9 +78,12 @@ def tiny_faster_rcnn(num_classes: int, upsampler="nearest", widths=(16, 32, 64, 
                      image_size: int = 64):
     """torchvision Faster R-CNN on TinyEncoder + ``sapa.models.FPN`` (P2-P6); anchors 8...128 px;
     images are used at ``image_size`` (no resize) with ImageNet normalisation."""
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
+    from .._optional import optional_import
+
+    with optional_import("torchvision", "the tiny Faster R-CNN"):
+        from torchvision.models.detection import FasterRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.ops import MultiScaleRoIAlign
 
     backbone = _TinyDetBackbone(widths, channels, upsampler)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)

@@ -76,7 +76,10 @@ class COCOBoxEvaluator:
         self.detections, self.gt = merged_d, merged_g
 
     def _build_gt(self):
-        from pycocotools.coco import COCO
+        from .._optional import optional_import
+
+        with optional_import("pycocotools", "COCO box AP"):
+            from pycocotools.coco import COCO
         images, anns, cats = [], [], set()
         ann_id = 1
         for image_id in sorted(self.gt):
@@ -103,10 +106,10 @@ class COCOBoxEvaluator:
     def compute(self, verbose: bool = False) -> dict:
         """COCO box metrics over the images seen so far (fractions in [0, 1]; -1 where a size
         range has no ground truth, as COCOeval reports)."""
-        try:
+        from .._optional import optional_import
+
+        with optional_import("pycocotools", "COCO box AP"):
             from pycocotools.cocoeval import COCOeval
-        except ImportError as err:  # pragma: no cover
-            raise ImportError("COCO AP needs pycocotools: pip install 'sapa[train]'") from err
         coco_gt = self.coco_gt if self.coco_gt is not None else self._build_gt()
         dets = [d for image_id in sorted(self.detections) for d in self.detections[image_id]]
         if not dets:

@@ -46,8 +46,11 @@ class ResNetFPNBackbone(nn.Module):
                  trainable_layers: int = 3, frozen_bn: bool = True,
                  pretrained_backbone: str | os.PathLike | None = None, xavier_upsamplers: bool = False):
         super().__init__()
-        import torchvision
-        from torchvision.ops import FrozenBatchNorm2d
+        from .._optional import optional_import
+
+        with optional_import("torchvision", "the Faster R-CNN backbone"):
+            import torchvision
+            from torchvision.ops import FrozenBatchNorm2d
 
         if depth not in (18, 34, 50, 101, 152):
             raise ValueError(f"ResNetFPNBackbone: depth must be one of 18, 34, 50, 101, 152, got {depth}")
@@ -101,7 +104,10 @@ def faster_rcnn(depth: int = 50, num_classes: int = 91, upsampler: Any = "neares
     1024-d fc layers) match mmdet's ``faster-rcnn_r50_fpn_1x``. torchvision's transform pads
     batches to a multiple of 32; the backbone also works on any size when called directly.
     """
-    from torchvision.models.detection import FasterRCNN
+    from .._optional import optional_import
+
+    with optional_import("torchvision", "Faster R-CNN"):
+        from torchvision.models.detection import FasterRCNN
 
     backbone = ResNetFPNBackbone(depth, upsampler=upsampler, trainable_layers=trainable_layers,
                                  pretrained_backbone=pretrained_backbone, xavier_upsamplers=xavier_upsamplers)

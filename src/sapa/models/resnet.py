@@ -36,7 +36,10 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, name: str = "resnet50c", pretrained: str | os.PathLike | None = None):
         super().__init__()
-        import timm
+        from .._optional import optional_import
+
+        with optional_import("timm", "the ResNet encoder (UPerNet)"):
+            import timm
 
         self.name = name
         self.model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")

@@ -137,7 +137,10 @@ def mit_config(variant: str = "b1", **overrides):
     """
     if variant not in MIT_VARIANTS:
         raise KeyError(f"unknown MiT variant {variant!r}; valid: {', '.join(MIT_VARIANTS)}")
-    from transformers import SegformerConfig
+    from .._optional import optional_import
+
+    with optional_import("transformers", "the MiT encoder (SegFormer)"):
+        from transformers import SegformerConfig
 
     v = MIT_VARIANTS[variant]
     kw = dict(num_channels=3, num_encoder_blocks=4, hidden_sizes=list(v["hidden_sizes"]),
@@ -167,7 +170,10 @@ class SegFormer(nn.Module):
     def __init__(self, config: Any, num_classes: int = 150, upsampler: Any = "bilinear", embed_dim: int = 256,
                  dropout: float = 0.1, align_corners: bool = False):
         super().__init__()
-        from transformers import SegformerConfig, SegformerModel
+        from .._optional import optional_import
+
+        with optional_import("transformers", "the MiT encoder (SegFormer)"):
+            from transformers import SegformerConfig, SegformerModel
 
         if isinstance(config, dict):
             config = SegformerConfig(**config)
