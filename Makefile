@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.sapa-installed
 
-.PHONY: demo test test-slow bench setup clean
+.PHONY: demo test test-slow bench docs setup clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/sapa bench
+
+# API reference from the docstrings into build/site (offline; the `docs` extra is in `.[test]`)
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

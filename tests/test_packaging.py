@@ -65,6 +65,9 @@ def test_lazy_public_names_are_the_real_objects():
     assert set(sapa.__all__) <= set(dir(sapa))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sapa.nope  # noqa: B018
+    proc = _run("import json, sapa\nprint(json.dumps([sapa.backends.__name__, sapa.registry.__name__, "
+                "type(sapa.nn.SAPAB).__name__]))")
+    assert _json_out(proc) == ["sapa.backends", "sapa.registry", "type"]  # submodules resolve lazily
 
 
 def test_assume_constant_result_mechanism_unchanged():
@@ -368,3 +371,67 @@ def test_cli_reports_optional_dependency_error_in_one_line(monkeypatch, capsys):
     assert main(["list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sapa list: error: the ResNet encoder (UPerNet) needs timm"), err
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata and the wheel
+
+def test_readme_tested_versions_match_constraints():
+    import re
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    text = (ROOT / "README.md").read_text()
+    sentence = text[text.index("Tested with Python"):].split(";")[0]
+    stated = dict(re.findall(r"\b([a-z][a-z0-9_-]*) (\d+\.\d+(?:\.\d+)?)", sentence.replace("\n", " ")))
+    stated.pop("python", None)
+    assert len(stated) >= 8, stated
+    assert {k: pins.get(k) for k in stated} == stated
+
+
+def test_license_and_citation_files():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10000  # the full text, not a stub
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
+    import yaml  # PyYAML comes with mkdocs (docs extra)
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "Apache-2.0" and cff["version"] == meta["version"]
+    ids = {cff["preferred-citation"]["identifiers"][0]["value"], cff["references"][0]["identifiers"][0]["value"]}
+    assert ids == {"arXiv:2209.12866", "arXiv:2307.08198"}
+    readme = (ROOT / "README.md").read_text()
+    assert "@inproceedings{lu2022sapa" in readme and "arXiv:2307.08198" in readme and "arXiv:2209.12866" in readme
+    assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
+
+
+def test_wheel_holds_exactly_the_package_and_its_metadata(tmp_path):
+    """Build the wheel from a clean copy of the sources and list it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src_copy"
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, src / f)
+    shutil.copytree(SRC, src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc", "*.egg-info"))
+    out = tmp_path / "wheel"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (whl,) = out.glob("sapa-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    expected_pkg = {str(p.relative_to(SRC)).replace(os.sep, "/") for p in (SRC / "sapa").rglob("*.py")
+                    if "__pycache__" not in p.parts} | {"sapa/py.typed"}
+    dist = {n for n in names if n.startswith("sapa-")}
+    assert names - dist == expected_pkg
+    base = whl.name.split("-py3")[0]
+    assert dist == {f"{base}.dist-info/{f}" for f in
+                    ("METADATA", "WHEEL", "RECORD", "entry_points.txt", "top_level.txt", "licenses/LICENSE")}
+    meta = zipfile.ZipFile(whl).read(f"{base}.dist-info/METADATA").decode()
+    assert "Classifier: Typing :: Typed" in meta and "Provides-Extra: docs" in meta
+    assert "Project-URL" not in meta  # none exists yet; none is invented

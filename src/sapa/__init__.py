@@ -45,7 +45,12 @@ def __getattr__(name: str) -> Any:
     try:
         module, attr = _LAZY[name]
     except KeyError:
-        raise AttributeError(f"module 'sapa' has no attribute {name!r}") from None
+        # any submodule is an attribute too (sapa.nn, sapa.backends, ...), as if imported eagerly
+        from importlib.util import find_spec
+
+        if name.startswith("__") or find_spec(f"sapa.{name}") is None:
+            raise AttributeError(f"module 'sapa' has no attribute {name!r}") from None
+        module, attr = f"sapa.{name}", None
     value = importlib.import_module(module)
     if attr is not None:
         value = getattr(value, attr)
