@@ -43,9 +43,19 @@ def triton_interpret() -> bool:
     return _env("TRITON_INTERPRET", "0") not in ("0", "false", "False")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def configure_logging() -> logging.Logger:
     logger = logging.getLogger("sapa")
     level = _env("SAPA_LOG_LEVEL")
     if level is not None:
-        logger.setLevel(level.upper())
+        name = level.strip().upper()
+        if name in LOG_LEVELS:
+            logger.setLevel(name)
+        else:
+            # a bad flag must not break ``import sapa``: say so once and keep the default level
+            import warnings
+            warnings.warn(f"SAPA_LOG_LEVEL={level!r} is not a log level; valid: {', '.join(LOG_LEVELS)}; "
+                          f"using the default", RuntimeWarning, stacklevel=2)
     return logger
