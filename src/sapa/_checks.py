@@ -29,7 +29,7 @@ VALID_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def float_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
     """Only the four dtypes every backend computes in (float8 and other floats are refused)."""
     if t.dtype not in VALID_DTYPES:
-        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
     return t
 
 

@@ -6,6 +6,7 @@ SAPA_SLOW         "1" runs the long test sweeps (tests marked ``slow``).
 SAPA_CPU_CACHE_MB MiB of freed memory the cpu kernels keep for reuse (default 512; 0 = off); see
                   ``sapa.ops.window.op._HostCache``.
 SAPA_TRACEBACK_AFTER  seconds after which the CLI dumps every thread's stack (faulthandler; for hangs).
+SAPA_TRACEBACK    "1": the CLI prints the traceback of an expected failure too (bugs always show it).
 TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ def cpu_cache_bytes() -> int:
     if mb < 0:
         raise ValueError(f"SAPA_CPU_CACHE_MB must be >= 0, got {mb}")
     return mb << 20
+
+
+def show_traceback() -> bool:
+    return _env("SAPA_TRACEBACK", "0") not in ("0", "false", "False")
 
 
 def triton_interpret() -> bool:
