@@ -360,7 +360,7 @@ def validate(cfg: Config) -> None:
         if value in known and value not in table[cfg.task]:
             other = next(k for k, vs in table.items() if value in vs)
             raise ValueError(f"config task={cfg.task!r} does not fit {key}={value!r}, which is a {other} "
-                             f"{key.split('.')[1]}; for task={cfg.task!r} use {key} one of "
+                             f"{'model' if key == 'model.name' else 'dataset'}; for task={cfg.task!r} use {key} one of "
                              f"{', '.join(table[cfg.task])} (or start from a {cfg.task} preset)")
     if t.max_iters is None and t.epochs is None:
         raise ValueError("config: set train.max_iters or train.epochs")
