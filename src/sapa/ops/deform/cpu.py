@@ -90,6 +90,7 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
     one = off.dtype.type(1)
     zero = off.dtype.type(0)
     inf = off.dtype.type(np.inf)
+    nan = off.dtype.type(np.nan)
     yb = off.dtype.type(i // s)
     for gp in range(off.shape[1] // 2):
         xrow, yrow = off[b, 2 * gp, i], off[b, 2 * gp + 1, i]
@@ -123,16 +124,14 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
             p1[j] = base + 1 if top and right else -1
             p2[j] = base + W if bottom and left else -1
             p3[j] = base + W + 1 if bottom and right else -1
-            w0[j] = (one - ty) * (one - tx) if top and left else zero
-            w1[j] = (one - ty) * tx if top and right else zero
-            w2[j] = ty * (one - tx) if bottom and left else zero
-            w3[j] = ty * tx if bottom and right else zero
-            tyr[j] = ty if inside else zero
-            txr[j] = tx if inside else zero
-            if bad:
-                nan = np.nan
-                w0[j] = w1[j] = w2[j] = w3[j] = nan
-                tyr[j] = txr[j] = nan
+            # selects, not a branch, so that the row pass still vectorises (bad implies not inside)
+            out0 = zero if not bad else nan  # the value of an outside corner's weight / fraction
+            w0[j] = (one - ty) * (one - tx) if top and left else out0
+            w1[j] = (one - ty) * tx if top and right else out0
+            w2[j] = ty * (one - tx) if bottom and left else out0
+            w3[j] = ty * tx if bottom and right else out0
+            tyr[j] = ty if inside else out0
+            txr[j] = tx if inside else out0
 
 
 # ------------------------------------------------------------------------------------ vector code
