@@ -6,7 +6,7 @@ import torch
 
 
 def shape_str(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+    return "[" + ", ".join(str(int(d)) for d in t.shape) + "]"
 
 
 def tensor4d(name: str, t, layout: str = "B, C, H, W") -> torch.Tensor:
@@ -14,8 +14,22 @@ def tensor4d(name: str, t, layout: str = "B, C, H, W") -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor [{layout}], got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [{layout}], got shape {shape_str(t)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    float_dtype(name, t)
+    if t.shape[2] < 1 or t.shape[3] < 1:
+        # One rule on every backend: the reference (grid_sample / unfold) cannot take an empty map,
+        # so no backend does; an empty batch (B = 0) is fine everywhere.
+        raise ValueError(f"{name} must have H >= 1 and W >= 1, got shape {shape_str(t)} "
+                         f"(an empty batch B = 0 is allowed, an empty map is not)")
+    return t
+
+
+VALID_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def float_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Only the four dtypes every backend computes in (float8 and other floats are refused)."""
+    if t.dtype not in VALID_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
     return t
 
 
@@ -42,8 +56,10 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 
 def same_batch(**tensors: torch.Tensor) -> None:
-    batches = {name: t.shape[0] for name, t in tensors.items()}
-    if len(set(batches.values())) > 1:
+    # == rather than a set of sizes: under torch.jit.trace the sizes are traced 0-d tensors, which
+    # hash and compare by identity in a set, so equal batches looked different.
+    batches = [t.shape[0] for t in tensors.values()]
+    if any(b != batches[0] for b in batches[1:]):
         listing = ", ".join(f"{n} {shape_str(t)}" for n, t in tensors.items())
         raise ValueError(f"batch sizes differ: {listing}")
 

@@ -9,6 +9,7 @@ SAPA_SLOW         "1" runs the long test sweeps (tests marked ``slow``).
 SAPA_CPU_CACHE_MB MiB of freed memory the cpu kernels keep for reuse (default 512; 0 = off); see
                   ``sapa.ops.window.op._HostCache``.
 SAPA_TRACEBACK_AFTER  seconds after which the CLI dumps every thread's stack (faulthandler; for hangs).
+SAPA_TRACEBACK    "1": the CLI prints the traceback of an expected failure too (bugs always show it).
 TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
 """
 from __future__ import annotations
@@ -56,13 +57,27 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "sapa")
 
 
+def show_traceback() -> bool:
+    return _env("SAPA_TRACEBACK", "0") not in ("0", "false", "False")
+
+
 def triton_interpret() -> bool:
     return _env("TRITON_INTERPRET", "0") not in ("0", "false", "False")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def configure_logging() -> logging.Logger:
     logger = logging.getLogger("sapa")
     level = _env("SAPA_LOG_LEVEL")
     if level is not None:
-        logger.setLevel(level.upper())
+        name = level.strip().upper()
+        if name in LOG_LEVELS:
+            logger.setLevel(name)
+        else:
+            # a bad flag must not break ``import sapa``: say so once and keep the default level
+            import warnings
+            warnings.warn(f"SAPA_LOG_LEVEL={level!r} is not a log level; valid: {', '.join(LOG_LEVELS)}; "
+                          f"using the default", RuntimeWarning, stacklevel=2)
     return logger

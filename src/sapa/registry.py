@@ -94,6 +94,9 @@ def register_upsampler(name: str) -> Callable[[type[Upsampler]], type[Upsampler]
 
 def list_upsamplers(pattern: str = "*") -> list[str]:
     """Registered names matching an fnmatch ``pattern`` (e.g. ``"sapa*"``), in registration order."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"list_upsamplers: pattern must be an fnmatch pattern str such as 'sapa*', "
+                        f"got {pattern!r} ({type(pattern).__name__})")
     _ensure_loaded()
     return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern)]
 
@@ -110,9 +113,14 @@ def build_upsampler(spec: Any, in_channels: int, guide_channels: int | None = No
     """Build an upsampler from a name, ``dict(type=name, **kw)``, an ``Upsampler`` class or instance.
 
     ``kwargs`` (and the dict's other keys) go to the constructor. An instance is returned as is
-    after checking that its ``in_channels`` / ``scale_factor`` match.
+    after checking that its ``in_channels`` / ``scale_factor`` match; with ``kwargs`` it is refused
+    (``TypeError``), since they could not be applied.
     """
     if isinstance(spec, Upsampler):
+        if kwargs:
+            raise TypeError(f"build_upsampler: got an already built {type(spec).__name__} instance and "
+                            f"constructor keyword(s) {', '.join(sorted(kwargs))}, which it cannot take; pass "
+                            f"a name, dict(type=...) or class to build with them, or the instance alone")
         want_guide = in_channels if guide_channels is None else guide_channels
         have = (spec.in_channels, spec.scale_factor, spec.guide_channels if spec.needs_guide else want_guide)
         if have != (in_channels, scale_factor, want_guide):

@@ -97,6 +97,6 @@ def test_cli_train_resume_refuses_corrupt_checkpoint(tmp_path, tiny_overrides, c
     assert main(args) == 0
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:-10])
-    assert main(["train", "--output", str(tmp_path), "--resume", "--set", "train.max_iters=4"]) == 2
+    assert main(["train", "--output", str(tmp_path), "--resume", "--set", "train.max_iters=4"]) == 4  # bad checkpoint
     err = capsys.readouterr().err
     assert "last.pt" in err and "truncated" in err

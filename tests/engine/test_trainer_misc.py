@@ -57,8 +57,9 @@ def test_auxiliary_head_loss_is_weighted(tiny_config, quiet):
 
 
 def test_unknown_best_metric_and_batch_split_errors(tiny_config, quiet):
-    with pytest.raises(KeyError, match="best_metric"):
-        Trainer(tiny_config("train.max_iters=1", "train.best_metric='mIoU'"), log=quiet).fit()
+    # refused when the config is made (before any training), naming the key and the valid names
+    with pytest.raises(ValueError, match=r"train.best_metric must be a segmentation metric: one of miou.*'mIoU'"):
+        tiny_config("train.max_iters=1", "train.best_metric='mIoU'")
     with pytest.raises(ValueError, match="smaller than one batch"):
         Trainer(tiny_config("data.train_samples=2"), log=quiet)
 

@@ -9,9 +9,45 @@ import pkgutil
 import sys
 
 
+# Exit status of every command: one class of expected failure per code (a bug is 1, with its
+# traceback); the first matching class wins, so subclasses come before their bases.
+EXIT_CODES = {"bad usage, config or input": 2, "file system (missing file, disk full, permission)": 3,
+              "corrupt or mismatched checkpoint": 4, "training diverged (NaN / inf)": 5,
+              "run folder in use by another process": 6, "missing optional dependency": 7, "interrupted": 130}
+
+
+def _exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected failure, None for a bug."""
+    from ..engine.checkpoint import CheckpointError
+    from ..engine.rundir import RunFolderBusy
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    if isinstance(err, RunFolderBusy):
+        return 6
+    if isinstance(err, CheckpointError):
+        return 4
+    if isinstance(err, FloatingPointError):
+        return 5
+    if isinstance(err, ImportError):
+        return 7
+    if isinstance(err, OSError):
+        return 3
+    if isinstance(err, (ValueError, KeyError, TypeError)):
+        return 2
+    return None
+
+
+def _epilog() -> str:
+    codes = "; ".join(f"{c} {what}" for what, c in EXIT_CODES.items())
+    return (f"exit status: 0 success; 1 internal error (a bug: the traceback is shown); {codes}. "
+            f"Expected failures print one line 'sapa COMMAND: error: ...'; SAPA_TRACEBACK=1 also prints "
+            f"their traceback.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sapa", description="Feature upsamplers for dense prediction: list, benchmark, compare.")
+        prog="sapa", description="Feature upsamplers for dense prediction: list, benchmark, compare.",
+        epilog=_epilog())
     parser.add_argument("--version", action="version", version=f"sapa {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -43,8 +79,6 @@ def _arm_hang_dump() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .._optional import OptionalDependencyError  # missing/mismatched extras: one line, no traceback
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -53,11 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _arm_hang_dump()
         rc = args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, OptionalDependencyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sapa {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code = _exit_code(err)
+        if code is None:
+            raise  # a bug: keep the traceback
+        from .. import flags
+        if flags.show_traceback():
+            import traceback
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"sapa {args.command}: error: {_message(err)}", file=sys.stderr)
+        return code
     return int(rc or 0)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    msg = str(msg) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in msg:
+        msg = f"{msg}: {err.filename}"
+    return " ".join(msg.split())  # one line
 
 
 if __name__ == "__main__":  # pragma: no cover

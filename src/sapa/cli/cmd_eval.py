@@ -23,7 +23,14 @@ def run(args) -> int:
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.evaluate import evaluate_checkpoint
 
-    dilation = args.dilation if args.dilation < 1 else int(args.dilation)
+    from ..metrics.segmentation import dilation_pixels
+    dilation = args.dilation
+    if dilation >= 1 and float(dilation).is_integer():
+        dilation = int(dilation)  # a pixel count (2.5 stays a float and is refused, never truncated)
+    try:
+        dilation_pixels(1, 1, dilation)
+    except ValueError as err:
+        raise ValueError(f"--dilation: {err}") from None
     info = None
     ok = False
     try:

@@ -47,7 +47,18 @@ def resolve_config(args):
         if not args.output:
             overrides.append(f"train.output={str(resume.parent)!r}")
     elif args.config:
-        cfg = Config.from_dict(json.loads(Path(args.config).read_text()))
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--config {path} is not valid JSON: {err}") from None
+        try:
+            cfg = Config.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise type(err)(f"--config {path}: {msg}") from None
     else:
         cfg = get_preset(args.preset)
     cfg = apply_overrides(cfg, overrides)

@@ -1,7 +1,9 @@
 """COCO object detection (instances JSON, read with pycocotools) with torchvision-style targets."""
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +29,9 @@ class COCODetection(Dataset):
     ``boxes`` float [N, 4] xyxy in pixels, ``labels`` long [N] in 1..K (contiguous; 0 is background,
     torchvision convention; ``cat_ids[label - 1]`` is the COCO category id), ``image_id`` (the COCO
     id), ``area``, ``iscrowd``. Crowd regions and boxes narrower than 1 px are dropped from the
-    targets (mmdet does the same in training; COCOeval reads crowds from the JSON itself).
+    targets (mmdet does the same in training; COCOeval reads crowds from the JSON itself). Boxes
+    reaching outside their image are clipped to it (one warning per file says how many); an
+    annotation without a ``bbox`` of 4 finite numbers is refused at construction, naming it.
     Resizing (1333x800 keep ratio) and normalisation belong to the detector's transform.
     """
 
@@ -57,13 +61,33 @@ class COCODetection(Dataset):
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.num_classes = len(self.cat_ids) + 1
+        outside = 0
         for ann in self.coco.dataset["annotations"]:
+            if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+                raise ValueError(f"COCODetection: {self.ann_file}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} "
+                                 f"needs 'image_id' and 'category_id'")
+            box = ann.get("bbox")
+            if box is None:
+                raise ValueError(f"COCODetection: {self.ann_file}: annotation {ann.get('id')} (image {ann['image_id']}) "
+                                 f"has no 'bbox'; expected [x, y, width, height]")
+            if (not isinstance(box, (list, tuple)) or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                raise ValueError(f"COCODetection: {self.ann_file}: annotation {ann.get('id')} (image {ann['image_id']}) "
+                                 f"has bbox {box!r}; expected 4 finite numbers [x, y, width, height]")
             if ann["image_id"] not in self.coco.imgs:
                 raise ValueError(f"COCODetection: {self.ann_file}: annotation {ann.get('id')} refers to image "
                                  f"{ann['image_id']}, which is not in 'images'")
             if ann["category_id"] not in self.cat_to_label:
                 raise ValueError(f"COCODetection: {self.ann_file}: annotation {ann.get('id')} has category "
                                  f"{ann['category_id']}, which is not in 'categories'")
+            info = self.coco.imgs[ann["image_id"]]
+            x, y, w, h = box
+            W, H = info.get("width", math.inf), info.get("height", math.inf)
+            if x < 0 or y < 0 or x + w > W or y + h > H:
+                outside += 1
+        if outside:
+            warnings.warn(f"COCODetection: {outside} box(es) in {self.ann_file} reach outside their image; they are "
+                          f"clipped to the image", RuntimeWarning, stacklevel=2)
         ids = sorted(self.coco.imgs)
         if check_files:
             for i in ids:
@@ -78,15 +102,20 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _targets(self, image_id: int):
+    def _targets(self, image_id: int, size: tuple[int, int] | None = None):
+        """Boxes xyxy clipped to the image (``size`` (H, W); default: the JSON's height / width)."""
+        info = self.coco.imgs[image_id]
+        H, W = size if size is not None else (info.get("height", math.inf), info.get("width", math.inf))
         boxes, labels, areas = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             if ann.get("iscrowd", 0):
                 continue
             x, y, w, h = ann["bbox"]
+            x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+            w, h = x2 - x1, y2 - y1
             if w < 1 or h < 1:
                 continue
-            boxes.append([x, y, x + w, y + h])
+            boxes.append([x1, y1, x2, y2])
             labels.append(self.cat_to_label[ann["category_id"]])
             areas.append(ann.get("area", w * h))
         return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
@@ -99,9 +128,10 @@ class COCODetection(Dataset):
         path = self.img_dir / info["file_name"]
         img = read_image(path)
         if (img.shape[0], img.shape[1]) != (info.get("height", img.shape[0]), info.get("width", img.shape[1])):
+            said = f"{info.get('width', '?')}x{info.get('height', '?')} (width x height)"
             raise ValueError(f"COCODetection: image {path} is {img.shape[1]}x{img.shape[0]} but {self.ann_file} "
-                             f"says {info['width']}x{info['height']}")
-        boxes, labels, areas = self._targets(image_id)
+                             f"says {said}")
+        boxes, labels, areas = self._targets(image_id, img.shape[:2])
         if self.train and aug_seed is not None and np.random.default_rng(aug_seed).random() < 0.5:
             img = img[:, ::-1]
             boxes = boxes.copy()

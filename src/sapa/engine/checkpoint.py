@@ -51,6 +51,28 @@ def _verify(path: Path, data: bytes) -> bytes:
     return payload
 
 
+def nonfinite_entries(obj, prefix: str = "", limit: int = 5) -> list[str]:
+    """Names (``model.bn.running_var``, ``optimizer.state.3.exp_avg``, ...) of floating tensors in
+    a nested dict / list holding NaN or inf; at most ``limit``."""
+    out: list[str] = []
+
+    def walk(x, name):
+        if len(out) >= limit:
+            return
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+                out.append(name)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(obj, prefix)
+    return out
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     """Atomically write ``obj`` to ``path`` (see the module docstring)."""
     path = Path(path)

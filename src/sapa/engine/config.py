@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -143,6 +144,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise TypeError(f"a config must be a JSON object (dict) of sections, got {type(d).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in d.items():
@@ -150,7 +153,13 @@ class Config:
                 raise KeyError(f"unknown config key {key!r}; valid: {', '.join(sections)}")
             sub = _SECTIONS.get(key)
             if sub is None:
+                if not isinstance(value, str):
+                    raise TypeError(f"config {key!r} must be a str, got {value!r}")
                 kwargs[key] = value
+            elif not isinstance(value, dict):
+                raise TypeError(f"config section {key!r} must be an object (dict) of fields, got "
+                                f"{type(value).__name__} {value!r}; valid fields: "
+                                f"{', '.join(f.name for f in dataclasses.fields(sub))}")
             else:
                 names = {f.name for f in dataclasses.fields(sub)}
                 unknown = set(value) - names
@@ -320,16 +329,74 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     return cfg
 
 
+SEGMENTATION_METRICS = ("miou", "aacc", "macc", "biou")
+DETECTION_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_TASK_MODELS = {"segmentation": ("tiny_segformer", "segformer_b1", "upernet_r50"),
+                "detection": ("tiny_faster_rcnn", "faster_rcnn_r50")}
+_TASK_DATASETS = {"segmentation": ("synthetic", "ade20k"), "detection": ("synthetic_det", "coco")}
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    """The scalar metrics an evaluation of ``task`` reports (valid ``train.best_metric`` values)."""
+    return SEGMENTATION_METRICS if task == "segmentation" else DETECTION_METRICS
+
+
+def _check(ok: bool, key: str, value, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"config {key} must be {valid}, got {value!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate(cfg: Config) -> None:
+    """Refuse a config that would fail later or silently do something else; each error names the key."""
     if cfg.task not in ("segmentation", "detection"):
         raise ValueError(f"config task must be 'segmentation' or 'detection', got {cfg.task!r}")
-    t = cfg.train
+    m, d, o, sc, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.train
+    for key, value, table in (("model.name", m.name, _TASK_MODELS), ("data.dataset", d.dataset, _TASK_DATASETS)):
+        known = [v for vs in table.values() for v in vs]
+        if value in known and value not in table[cfg.task]:
+            other = next(k for k, vs in table.items() if value in vs)
+            raise ValueError(f"config task={cfg.task!r} does not fit {key}={value!r}, which is a {other} "
+                             f"{'model' if key == 'model.name' else 'dataset'}; for task={cfg.task!r} use {key} one of "
+                             f"{', '.join(table[cfg.task])} (or start from a {cfg.task} preset)")
     if t.max_iters is None and t.epochs is None:
         raise ValueError("config: set train.max_iters or train.epochs")
     if t.max_iters is not None and t.max_iters < 1:
         raise ValueError(f"config train.max_iters must be >= 1, got {t.max_iters}")
+    _check(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1 or None")
+    for key in ("eval_interval", "ckpt_interval", "log_interval"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "an int >= 0 (0: off)")
+    _check(t.stop_at is None or t.stop_at >= 0, "train.stop_at", t.stop_at, "an int >= 0 or None")
+    _check(t.best_metric in metric_names(cfg.task), "train.best_metric", t.best_metric,
+           f"a {cfg.task} metric: one of {', '.join(metric_names(cfg.task))}")
     if cfg.data.batch_size < 1:
         raise ValueError(f"config data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an int >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0")
+    for key in ("image_size", "crop_size", "train_samples", "val_samples"):
+        _check(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "an int >= 1")
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "a finite float > 0")
+    _check(_finite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", o.momentum, "a float in [0, 1)")
+    _check(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+           "two floats in [0, 1), e.g. (0.9, 0.999)")
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a float >= 0")
+    _check(_finite(o.head_lr_mult) and o.head_lr_mult > 0, "optim.head_lr_mult", o.head_lr_mult, "a float > 0")
+    _check(o.grad_clip is None or (_finite(o.grad_clip) and o.grad_clip > 0), "optim.grad_clip", o.grad_clip,
+           "a float > 0 or None")
+    _check(_finite(sc.power) and sc.power >= 0, "schedule.power", sc.power, "a float >= 0")
+    _check(_finite(sc.min_lr) and sc.min_lr >= 0, "schedule.min_lr", sc.min_lr, "a float >= 0")
+    _check(sc.warmup_iters >= 0, "schedule.warmup_iters", sc.warmup_iters, "an int >= 0")
+    _check(_finite(sc.warmup_ratio) and 0 < sc.warmup_ratio <= 1, "schedule.warmup_ratio", sc.warmup_ratio,
+           "a float in (0, 1]")
+    _check(_finite(sc.gamma) and sc.gamma > 0, "schedule.gamma", sc.gamma, "a float > 0")
+    _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sc.milestones),
+           "schedule.milestones", sc.milestones, "a list of ints >= 0")
+    _check(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "a float in [0, 1)")
+    _check(_finite(m.aux_weight) and m.aux_weight >= 0, "model.aux_weight", m.aux_weight, "a float >= 0")
+    _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "an int >= 1")
     if cfg.schedule.policy not in ("poly", "step", "constant"):
         raise ValueError(f"config schedule.policy must be poly, step or constant, got {cfg.schedule.policy!r}")
     if cfg.optim.name not in ("adamw", "sgd"):

@@ -10,13 +10,21 @@ from pathlib import Path
 class RunLog:
     """Appends one JSON object per line to ``path`` (``None``: keeps records in memory only)."""
 
-    def __init__(self, path: str | os.PathLike | None, append: bool = False):
+    def __init__(self, path: str | os.PathLike | None, append: bool = False, keep=None):
+        """``append``: continue the existing file; ``keep(record) -> bool`` then selects the records
+        that stay (a resumed run drops those written after its checkpoint, which it writes again)
+        and the file is rewritten atomically with just them."""
         self.path = Path(path) if path is not None else None
         self.records: list[dict] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if append and self.path.exists():
-                self.records = read_jsonl(self.path)
+                records = read_jsonl(self.path)
+                self.records = [r for r in records if keep(r)] if keep is not None else records
+                if len(self.records) != len(records):
+                    tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+                    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in self.records))
+                    os.replace(tmp, self.path)
             else:
                 self.path.write_text("")
 

@@ -12,6 +12,16 @@ own randomness (dropout) touches the global RNGs, and those are checkpointed per
 ``last.pt`` written at iteration k and training to N gives the same weights as an uninterrupted
 run to N (tested). A run folder that already holds ``last.pt`` is never started afresh over it:
 pass ``resume`` to continue it, or choose another folder.
+
+Reliability: the run folder is locked (one process per folder, see :mod:`sapa.engine.rundir`) and
+stale temporary files of a killed write are removed on start; the validation set and the
+evaluation settings are checked before the first iteration; ``last.pt`` is written *before* each
+periodic evaluation (with ``eval_pending``, so a run killed by a failing evaluation resumes by
+redoing just that evaluation) and again after it; a state holding NaN / inf is never written over a
+good checkpoint (:class:`NonFiniteStateError`, the last good one stays); on resume, records of
+``log.jsonl`` written after the checkpoint are dropped (they are written again), and changed
+optimizer / schedule hyper-parameters are applied and listed (a change of optimizer or of its
+parameter groups is refused).
 """
 from __future__ import annotations
 
@@ -28,10 +38,11 @@ from torch.utils.data import DataLoader
 
 from ..data.samplers import ResumableSampler
 from .builders import build_dataset, build_model, build_optimizer, dataset_num_classes
-from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, validate
+from .checkpoint import FORMAT, CheckpointError, load_checkpoint, nonfinite_entries, save_checkpoint
+from .config import Config, metric_names, validate
 from .distributed import DistInfo, init_distributed
 from .evaluate import autocast_context, evaluate_detection, evaluate_segmentation
+from .rundir import RunFolderLock, clean_stale_temp
 from .runlog import RunLog, plot_curves
 from .schedule import IterLRSchedule
 from .tiny import resize_logits
@@ -82,6 +93,27 @@ class _SegTrainModule(torch.nn.Module):
         return self.model(img), None
 
 
+class NonFiniteStateError(FloatingPointError):
+    """The training state (weights, buffers, optimizer) holds NaN / inf, or the loss is non-finite."""
+
+
+# resume: these optimizer settings decide the optimizer's state layout and cannot change mid-run
+_RESUME_FIXED = ("optim.name", "optim.head_keys", "optim.no_decay_keys")
+# these are re-applied from the (possibly overridden) config after the optimizer state is loaded
+_GROUP_KEYS = ("initial_lr", "lr", "weight_decay", "betas", "momentum")
+
+
+def _config_changes(old: dict, cfg: Config, sections=("optim", "schedule")) -> list[tuple[str, object, object]]:
+    new = cfg.to_dict()
+    out = []
+    for sec in sections:
+        for k, v in new[sec].items():
+            ov = old.get(sec, {}).get(k, v)
+            if (list(ov) if isinstance(ov, (list, tuple)) else ov) != (list(v) if isinstance(v, (list, tuple)) else v):
+                out.append((f"{sec}.{k}", ov, v))
+    return out
+
+
 def _seg_collate(batch):
     return torch.utils.data.default_collate([{"image": b["image"], "label": b["label"]} for b in batch])
 
@@ -105,8 +137,26 @@ class Trainer:
         self.info = dist or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.say = log if self.info.is_main else (lambda *a, **k: None)
+        self.out = Path(cfg.train.output) if cfg.train.output else None
+        self._lock = None
+        if self.out is not None and self.info.is_main:
+            self._lock = RunFolderLock(self.out).acquire()
+        try:
+            self._setup(cfg, resume, model, train_set, val_set)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (done at the end of :meth:`fit`; a later ``fit`` takes it again)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, cfg, resume, model, train_set, val_set) -> None:
         t = cfg.train
-        self.out = Path(t.output) if t.output else None
+        if self.out is not None and self.info.is_main:
+            for p in clean_stale_temp(self.out):
+                self.say(f"note: removed {p.name}, left by an interrupted write")
         if self.out is not None and resume is None and (self.out / "last.pt").exists():
             raise ValueError(f"{self.out / 'last.pt'} already exists: pass resume (sapa train --resume) to continue "
                              f"that run, or choose another output folder; refusing to start over it")
@@ -124,7 +174,8 @@ class Trainer:
             else:
                 self.say("note: model.sync_bn ignored on CPU (PyTorch's SyncBatchNorm is GPU-only)")
         self.train_set = train_set if train_set is not None else build_dataset(cfg, "train")
-        self.val_set = val_set
+        self.val_set = val_set if val_set is not None else build_dataset(cfg, "val")
+        self._check_eval_setup()
         ws = self.info.world_size
         if cfg.data.batch_size % ws:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} (total) is not divisible by the world size {ws}")
@@ -150,17 +201,31 @@ class Trainer:
             self.ddp = DDP(self.ddp, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            find_unused_parameters=cfg.task == "detection")
         self.iteration = 0
+        self.eval_pending = False
         self.best = {"metric": t.best_metric, "value": None, "iteration": None}
         torch.manual_seed(t.seed + self.info.rank)  # per-rank randomness (dropout) from here on
         random.seed(t.seed + self.info.rank)
         np.random.seed((t.seed + self.info.rank) % 2 ** 32)
         if ckpt is not None:
             self._restore(ckpt, resume)
+        k, pending = self.iteration, self.eval_pending
         self.log = RunLog(self.out / "log.jsonl" if (self.out and self.info.is_main) else None,
-                          append=ckpt is not None)
+                          append=ckpt is not None,
+                          keep=lambda r: r.get("iter", 0) < k or (r.get("iter", 0) == k and not
+                                                                   (pending and r.get("type") == "eval")))
         if self.out is not None and self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def _check_eval_setup(self) -> None:
+        """Fail before the first iteration, not at the first evaluation, on an empty or unreadable
+        validation set (its first sample is loaded) or a best_metric evaluation cannot give."""
+        key, valid = self.cfg.train.best_metric, metric_names(self.cfg.task)
+        if key not in valid:
+            raise KeyError(f"train.best_metric={key!r} is not a {self.cfg.task} metric; valid: {', '.join(valid)}")
+        if len(self.val_set) == 0:
+            raise ValueError(f"the validation set ({self.cfg.data.dataset}) is empty: nothing to evaluate")
+        self.val_set[0]  # raises naming the file if the data cannot be read
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -169,19 +234,35 @@ class Trainer:
                 "epoch": self.iteration // self.iters_per_epoch, "world_size": self.info.world_size,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": all_gather_objects(_rng_state()), "best": dict(self.best)}
+                "rng": all_gather_objects(_rng_state()), "best": dict(self.best),
+                "eval_pending": self.eval_pending}
 
     def _restore(self, ckpt: dict, path) -> None:
+        changes = _config_changes(ckpt.get("config", {}), self.cfg)
+        fixed = [c for c in changes if c[0] in _RESUME_FIXED]
+        if fixed:
+            listing = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in fixed)
+            raise ValueError(f"cannot resume {path} with a different {', '.join(k for k, _, _ in fixed)} ({listing}): "
+                             f"the optimizer state does not carry over; keep the checkpoint's value or start a new "
+                             f"run (no --resume) from its weights")
+        fresh = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {path} does not match this model / optimizer: {err}") from err
+        # the loaded groups carry the checkpoint's lr / betas / ...: put this config's values back,
+        # so an override such as --set optim.lr=0.5 takes effect (identical values when unchanged)
+        for g, f in zip(self.optimizer.param_groups, fresh):
+            g.update(f)
+        if changes:
+            self.say("resume: applying changed settings " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
         self.schedule.load_state_dict(ckpt["schedule"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.best = dict(ckpt["best"])
+        self.eval_pending = bool(ckpt.get("eval_pending", False))
         rng = ckpt["rng"]
         if len(rng) == self.info.world_size:
             _set_rng_state(rng[self.info.rank])
@@ -192,9 +273,25 @@ class Trainer:
 
     def save(self, name: str, state: dict | None = None) -> Path | None:
         state = state if state is not None else self.state_dict()  # collective: every rank calls
-        if self.out is None or not self.info.is_main:
+        if self.out is None:
+            return None
+        bad = nonfinite_entries({"model": state.get("model"), "optimizer": state.get("optimizer")})
+        if self._any_rank(bool(bad)):
+            kept = self.out / name
+            raise NonFiniteStateError(
+                f"training diverged: non-finite values at iteration {self.iteration} in "
+                f"{', '.join(bad) or 'another rank'}; not written, {kept} "
+                + ("keeps the last good state" if kept.exists() else "was never written")
+                + " (lower optim.lr, set optim.grad_clip, or resume from it)")
+        if not self.info.is_main:
             return None
         return save_checkpoint(state, self.out / name)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.info.distributed:
+            return flag
+        from ..metrics._dist import all_reduce_sum
+        return bool(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.int64))[0] > 0)
 
     # ------------------------------------------------------------------ data
     def _batches(self):
@@ -245,8 +342,6 @@ class Trainer:
 
     def evaluate(self) -> dict:
         self._sync_buffers()
-        if self.val_set is None:
-            self.val_set = build_dataset(self.cfg, "val")
         d, t = self.cfg.data, self.cfg.train
         if self.cfg.task == "segmentation":
             res = evaluate_segmentation(self.model, self.val_set, self.info, d.eval_batch_size, d.num_workers,
@@ -271,20 +366,32 @@ class Trainer:
         if t.progress and self.info.is_main:
             from tqdm import tqdm
             bar = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True)
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire()
         batches = self._batches()
         loss_sum, n_sum, t0 = 0.0, 0, time.perf_counter()
         last_eval, stopped = None, False
+        saved_at = None
         try:
+            if self.eval_pending:  # resumed from a checkpoint written just before an evaluation
+                last_eval = self._eval_and_save()
+                saved_at = self.iteration
             while self.iteration < self.max_iters:
                 if t.stop_at is not None and self.iteration >= t.stop_at:
                     stopped = True
+                    if self.out is not None and saved_at != self.iteration:
+                        self.save("last.pt")  # as documented: an early stop leaves a checkpoint to resume
                     break
                 batch = next(batches)
                 self.schedule.set_iteration(self.iteration)
                 loss, parts = self._loss(batch)
                 if not torch.isfinite(loss):
                     if not self.use_scaler:
-                        raise FloatingPointError(f"non-finite loss {float(loss.detach())} at iteration {self.iteration}")
+                        kept = f"; {self.out / 'last.pt'} keeps the last good state" if (
+                            self.out is not None and (self.out / "last.pt").exists()) else ""
+                        raise NonFiniteStateError(f"training diverged: non-finite loss {float(loss.detach())} at "
+                                                  f"iteration {self.iteration}{kept} (lower optim.lr or set "
+                                                  f"optim.grad_clip)")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if self.cfg.optim.grad_clip:
@@ -308,14 +415,31 @@ class Trainer:
                         self.log.write(rec)
                     loss_sum, n_sum = 0.0, 0
                 if (t.eval_interval and self.iteration % t.eval_interval == 0) or done:
-                    last_eval = self._periodic_eval()
-                if (t.ckpt_interval and self.iteration % t.ckpt_interval == 0) or (done and self.out is not None):
+                    if self.out is not None:  # first secure the work, then evaluate (which may fail)
+                        self.eval_pending = True
+                        self.save("last.pt")
+                    last_eval = self._eval_and_save()
+                    saved_at = self.iteration
+                elif t.ckpt_interval and self.iteration % t.ckpt_interval == 0:
                     self.save("last.pt")
+                    saved_at = self.iteration
+        except BaseException:
+            self.close()
+            raise
         finally:
+            self.eval_pending = False
             if bar is not None:
                 bar.close()
         self._plot()
+        self.close()
         return {"iteration": self.iteration, "stopped": stopped, "last_eval": last_eval, "best": dict(self.best)}
+
+    def _eval_and_save(self) -> dict:
+        res = self._periodic_eval()
+        self.eval_pending = False
+        if self.out is not None:
+            self.save("last.pt")
+        return res
 
     def _periodic_eval(self) -> dict:
         res = self.evaluate()

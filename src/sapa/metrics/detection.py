@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,18 @@ class COCOBoxEvaluator:
     """
 
     def __init__(self, coco_gt: Any = None, label_to_cat: Sequence[int] | dict[int, int] | None = None):
+        if label_to_cat is not None:
+            if isinstance(label_to_cat, dict):
+                items = list(label_to_cat.items())
+            elif isinstance(label_to_cat, (list, tuple)):
+                items = list(enumerate(label_to_cat, 1))
+            else:
+                raise TypeError(f"COCOBoxEvaluator: label_to_cat must be a list (label l -> label_to_cat[l - 1]) "
+                                f"or a dict label -> category id, got {type(label_to_cat).__name__}")
+            for k, v in items:
+                if not all(isinstance(x, int) and not isinstance(x, bool) for x in (k, v)):
+                    raise TypeError(f"COCOBoxEvaluator: label_to_cat must map int labels to int category ids, "
+                                    f"got {k!r} -> {v!r}")
         self.coco_gt = coco_gt
         self.label_to_cat = label_to_cat
         self.detections: dict[int, list[dict]] = {}
@@ -42,21 +55,41 @@ class COCOBoxEvaluator:
         self.detections, self.gt = {}, {}
 
     def _cat(self, label: int) -> int:
+        label = int(label)
         if self.label_to_cat is None:
-            return int(label)
+            return label
         if isinstance(self.label_to_cat, dict):
-            return int(self.label_to_cat[int(label)])
-        return int(self.label_to_cat[int(label) - 1])
+            if label not in self.label_to_cat:
+                raise KeyError(f"COCOBoxEvaluator: label {label} is not in label_to_cat; valid labels: "
+                               f"{sorted(self.label_to_cat)}")
+            return int(self.label_to_cat[label])
+        n = len(self.label_to_cat)
+        if not 1 <= label <= n:
+            # a list maps label l to label_to_cat[l - 1]: 0 (background) must never wrap to the last id
+            raise ValueError(f"COCOBoxEvaluator: label {label} is outside 1..{n}, the labels label_to_cat "
+                             f"(label l -> label_to_cat[l - 1]) covers; 0 is the background")
+        return int(self.label_to_cat[label - 1])
 
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         """``outputs[i]``: ``{"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]}`` for the image of
         ``targets[i]`` (which needs ``image_id``; and ``boxes``/``labels`` without ``coco_gt``)."""
         if len(outputs) != len(targets):
             raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets")
-        for out, tgt in zip(outputs, targets):
+        for i, (out, tgt) in enumerate(zip(outputs, targets)):
             image_id = int(tgt["image_id"])
+            if self.coco_gt is not None and image_id not in self.coco_gt.imgs:
+                raise ValueError(f"COCOBoxEvaluator: targets[{i}] has image_id {image_id}, which is not an image of "
+                                 f"the ground truth ({len(self.coco_gt.imgs)} images)")
+            boxes, scores, labels = _tolist(out["boxes"]), _tolist(out["scores"]), _tolist(out["labels"])
+            if not (len(boxes) == len(scores) == len(labels)):
+                raise ValueError(f"COCOBoxEvaluator: outputs[{i}] has {len(boxes)} boxes, {len(scores)} scores and "
+                                 f"{len(labels)} labels; they must be equal")
+            for name, vals in (("scores", scores), ("boxes", [v for b in boxes for v in b])):
+                if not all(math.isfinite(v) for v in vals):
+                    raise ValueError(f"COCOBoxEvaluator: outputs[{i}][{name!r}] (image {image_id}) holds NaN or inf; "
+                                     f"a diverged model cannot be scored")
             dets = []
-            for (x1, y1, x2, y2), s, lab in zip(_tolist(out["boxes"]), _tolist(out["scores"]), _tolist(out["labels"])):
+            for (x1, y1, x2, y2), s, lab in zip(boxes, scores, labels):
                 dets.append({"image_id": image_id, "category_id": self._cat(lab),
                              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)})
             self.detections[image_id] = dets

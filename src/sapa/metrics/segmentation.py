@@ -30,6 +30,7 @@ ranks, so a sharded evaluation gives exactly the numbers of a single-process one
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,10 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 def dilation_pixels(height: int, width: int, dilation: float | int = 0.02) -> int:
     """Band width d in pixels: a float < 1 is a ratio of the diagonal, an int >= 1 is pixels."""
-    if isinstance(dilation, bool) or dilation <= 0:
+    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Real):
+        raise TypeError(f"dilation must be a float ratio in (0, 1) or an int pixel count >= 1, got "
+                        f"{dilation!r} ({type(dilation).__name__})")
+    if not math.isfinite(dilation) or dilation <= 0:
         raise ValueError(f"dilation must be a ratio in (0, 1) or a pixel count >= 1, got {dilation!r}")
     if isinstance(dilation, float) and dilation < 1:
         return max(1, int(round(dilation * math.sqrt(height ** 2 + width ** 2))))

@@ -50,7 +50,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         y = self.proj(x.flatten(2).transpose(1, 2))  # [B, HW, E]
-        return y.transpose(1, 2).reshape(B, -1, H, W)
+        return y.transpose(1, 2).reshape(B, self.proj.out_features, H, W)  # not -1: B may be 0
 
 
 def _is_one_step_bilinear(spec: Any) -> bool:

@@ -56,6 +56,17 @@ def crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return t[..., :H, :W]
 
 
+def pixel_shuffle(t: torch.Tensor, s: int) -> torch.Tensor:
+    """``F.pixel_shuffle``, also differentiable for batch 0: PyTorch's PixelShuffleBackward0
+    returns a gradient of the output's shape for an empty batch ("returned an invalid gradient");
+    the view / permute form, used only then, has a correct backward."""
+    if t.shape[0] != 0:
+        return F.pixel_shuffle(t, s)
+    B, Cs, H, W = t.shape
+    C = Cs // (s * s)
+    return t.reshape(B, C, s, s, H, W).permute(0, 1, 4, 2, 5, 3).reshape(B, C, H * s, W * s)
+
+
 def nearest_up(t: torch.Tensor, s: int, size: tuple[int, int]) -> torch.Tensor:
     """Nearest upsampling by integer ``s`` (repeat each pixel s x s), cropped to ``size``."""
     if s == 1:

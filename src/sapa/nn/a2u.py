@@ -18,7 +18,7 @@ from torch import nn
 from .. import _checks as C
 from .. import functional as Fn
 from ..registry import Upsampler, register_upsampler
-from ._layers import crop, group_norm
+from ._layers import crop, group_norm, nearest_up
 
 
 @register_upsampler("a2u")
@@ -105,7 +105,10 @@ class A2U(Upsampler):
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
         if x.shape[0] == 0:  # grouped conv with groups = batch = 0 is undefined
-            return x.new_zeros(0, x.shape[1], *size)
+            # an empty output that is still part of the graph (of x and of every parameter), as
+            # every other upsampler's, so a batch-0 step's backward works and gives zero gradients
+            tie = sum(p.reshape(-1)[:0].sum() for p in self.parameters())
+            return nearest_up(x, self.scale_factor, size) * 0 + tie
         w = self.kernels(x, guide)
         return Fn.reassemble(w, x, self.kernel_size, self.scale_factor, 1).to(x.dtype)
 

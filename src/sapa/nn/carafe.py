@@ -12,7 +12,7 @@ from torch import nn
 from .. import _checks as C
 from .. import functional as Fn
 from ..registry import Upsampler, register_upsampler
-from ._layers import crop
+from ._layers import crop, pixel_shuffle
 
 
 @register_upsampler("carafe")
@@ -71,7 +71,7 @@ class CARAFE(Upsampler):
     def kernels(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Normalised reassembly kernels ``[B, G*K^2, H', W']`` (cropped to ``size`` if given)."""
         s, K, G = self.scale_factor, self.kernel_size, self.groups
-        m = F.pixel_shuffle(self.content_encoder(self.channel_compressor(x)), s)
+        m = pixel_shuffle(self.content_encoder(self.channel_compressor(x)), s)
         B, _, Hh, Wh = m.shape
         m = torch.softmax(m.view(B, G, K * K, Hh, Wh), dim=2).view(B, G * K * K, Hh, Wh)
         return m if size is None else crop(m, size)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Upsampler, register_upsampler
-from ._layers import crop, nearest_up
+from ._layers import crop, nearest_up, pixel_shuffle
 
 
 @register_upsampler("indexnet")
@@ -63,7 +63,7 @@ class IndexNet(Upsampler):
     def _shuffle(self, t):
         """[B, s^2, C, H, W] (index k = sub-pixel (k // s, k % s)) -> [B, C, sH, sW]."""
         B, s2, C, H, W = t.shape
-        return F.pixel_shuffle(t.transpose(1, 2).reshape(B, C * s2, H, W), self.scale_factor)
+        return pixel_shuffle(t.transpose(1, 2).reshape(B, C * s2, H, W), self.scale_factor)
 
     def index_maps(self, x: torch.Tensor, guide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(idx_en, idx_de)``, each ``[B, C, H', W']``: encoder index (softmax over the ``s^2``

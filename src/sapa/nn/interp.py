@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _checks as C
 from ..registry import Upsampler, register_upsampler
-from ._layers import crop, nearest_up
+from ._layers import crop, nearest_up, pixel_shuffle
 
 
 @register_upsampler("nearest")
@@ -117,7 +117,7 @@ class PixelShuffle(Upsampler):
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
-        return crop(F.pixel_shuffle(self.conv(x), self.scale_factor), size)
+        return crop(pixel_shuffle(self.conv(x), self.scale_factor), size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel_size={self.kernel_size}"

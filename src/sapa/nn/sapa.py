@@ -12,7 +12,7 @@ from torch import nn
 from .. import _checks as C
 from .. import functional as Fn
 from ..registry import Upsampler, register_upsampler
-from ._layers import LayerNorm2d, Linear2d, conv1x1, crop, group_norm, nearest_up
+from ._layers import LayerNorm2d, Linear2d, conv1x1, crop, group_norm, nearest_up, pixel_shuffle
 
 
 def _make_norm(kind, channels: int, owner: str, affine: bool = True) -> nn.Module:
@@ -185,7 +185,7 @@ class SAPAD(Upsampler):
         x_n = self.norm_x(x)
         off = self.offset(x_n)
         if self.high_offset:
-            off = crop(F.pixel_shuffle(off, s), size)
+            off = crop(pixel_shuffle(off, s), size)
         else:
             off = nearest_up(off, s, size)
         q = self.q(self.norm_y(guide))

@@ -18,7 +18,8 @@ Sampling (as grid_sample(bilinear, zeros, align_corners=False) in reference.py):
 at output pixel (i, j) sits at (py, px) = (i // s + off[2(gP+p)+1], j // s + off[2(gP+p)]) in
 low-res pixels (integer = pixel centre). Corners (y0 + a, x0 + c), a, c in {0, 1}, y0 = floor(py),
 weights (1-ty or ty)(1-tx or tx); corners outside the map are zero; a point outside (-1, H) x (-1, W)
-(or NaN / inf) samples 0 and keeps its logit 0 in the softmax. At an exactly integer coordinate the
+samples 0 and keeps its logit 0 in the softmax; a NaN / inf offset gives NaN (logit, and through the
+softmax the whole group's output at that pixel), as grid_sample does. At an exactly integer coordinate the
 offset gradient is the floor-based one-sided slope, as in the official CUDA kernel.
 
 Backward: gradients to q and to the offsets are per output pixel. Gradients to k and v land at
@@ -93,6 +94,8 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
     Wq = off.shape[3]
     one = off.dtype.type(1)
     zero = off.dtype.type(0)
+    inf = off.dtype.type(np.inf)
+    nan = off.dtype.type(np.nan)
     yb = off.dtype.type(i // s)
     for gp in range(off.shape[1] // 2):
         xrow, yrow = off[b, 2 * gp, i], off[b, 2 * gp + 1, i]
@@ -103,6 +106,12 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
             px = xb[j] + xrow[j]
             py = yb + yrow[j]
             inside = py > -1 and py < H and px > -1 and px < W  # False for NaN / inf
+            # NaN / inf offsets give NaN, as grid_sample does in the reference: the point keeps its
+            # outside corners (index -1 -> the zero tail) but gets NaN weights and fractions, so
+            # its logit, the group's softmax, the output and the gradients all turn NaN with no
+            # test in the channel loops. (Ordered compares are exact without 'nnan'/'ninf' in
+            # _FAST; an arithmetic test such as px - px != 0 was folded away.)
+            bad = not (abs(px) < inf and abs(py) < inf)
             py = py if inside else zero  # keep the int conversion below defined
             px = px if inside else zero
             fy = np.floor(py)
@@ -120,12 +129,14 @@ def _geometry(off, b, i, s, H, W, xb, pix, wts, tys, txs):
             p1[j] = base + 1 if top and right else -1
             p2[j] = base + W if bottom and left else -1
             p3[j] = base + W + 1 if bottom and right else -1
-            w0[j] = (one - ty) * (one - tx) if top and left else zero
-            w1[j] = (one - ty) * tx if top and right else zero
-            w2[j] = ty * (one - tx) if bottom and left else zero
-            w3[j] = ty * tx if bottom and right else zero
-            tyr[j] = ty if inside else zero
-            txr[j] = tx if inside else zero
+            # selects, not a branch, so that the row pass still vectorises (bad implies not inside)
+            out0 = zero if not bad else nan  # the value of an outside corner's weight / fraction
+            w0[j] = (one - ty) * (one - tx) if top and left else out0
+            w1[j] = (one - ty) * tx if top and right else out0
+            w2[j] = ty * (one - tx) if bottom and left else out0
+            w3[j] = ty * tx if bottom and right else out0
+            tyr[j] = ty if inside else out0
+            txr[j] = tx if inside else out0
 
 
 # ------------------------------------------------------------------------------------ vector code
