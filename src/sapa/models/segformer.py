@@ -68,7 +68,10 @@ class SegFormerHead(nn.Module):
             upsampler modules. Otherwise a registered name, ``dict(type=..., **kw)`` or an
             ``Upsampler`` class (six modules are built, one per stage, on E channels guided by
             E-channel maps), or a list of six specs/instances ``[up0, ..., up5]``. A single
-            instance is refused (``TypeError``): it cannot serve six stages.
+            instance is refused (``TypeError``): it cannot serve six stages. Names and dicts get
+            the published SegFormer configuration (:mod:`sapa.models.presets`: ``"sapa_b"`` is
+            the NeurIPS LayerNorm + Linear SAPA-B with d = 32, ``"fade"`` is gated); keys you pass
+            win, and a class is built with its own defaults.
         dropout: ``Dropout2d`` rate before ``linear_pred`` (0.1).
         align_corners: of the one-step bilinear resize (False, as NVlabs).
 
@@ -93,7 +96,7 @@ class SegFormerHead(nn.Module):
         self.linear_c1 = MLP(c1, embed_dim)
         self.one_step = _is_one_step_bilinear(upsampler)
         self.upsamplers = (nn.ModuleList() if self.one_step else
-                           build_stage_upsamplers(upsampler, 6, embed_dim, "SegFormerHead"))
+                           build_stage_upsamplers(upsampler, 6, embed_dim, "SegFormerHead", preset_host="segformer"))
         self.linear_fuse = ConvModule(4 * embed_dim, embed_dim, 1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
