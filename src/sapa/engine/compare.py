@@ -284,9 +284,17 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), desc="compare", unit="run", dynamic_ncols=True)
     runs = []
+    partial = None
+    if output is not None:  # one line per finished run, so an interrupted long run keeps what it did
+        Path(output).mkdir(parents=True, exist_ok=True)
+        partial = Path(output) / "runs.jsonl"
+        partial.write_text("")
 
     def done(r):
         runs.append(r)
+        if partial is not None:
+            with partial.open("a") as f:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "preds"}) + "\n")
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{r['upsampler']} seed {r['seed']}: mIoU {100 * r['miou']:.2f} "
