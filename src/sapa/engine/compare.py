@@ -277,8 +277,10 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
     t0 = time.perf_counter()
 
     costs = {n: complexity_of(n, overrides) for n in names}
+    # Seed by seed, the reference first, then longest first: a short makespan within each seed, and
+    # an interrupted multi-seed run (runs.jsonl) holds whole seeds with their reference runs.
     tasks = sorted(((n, s, tuple(overrides), FIGURE_IMAGES if s == 0 else ()) for n in names for s in range(seeds)),
-                   key=lambda t: -costs[t[0]]["latency_ms"])  # longest first: shortest makespan
+                   key=lambda t: (t[1], t[0] != REFERENCE, -costs[t[0]]["latency_ms"]))
     bar = None
     if progress:
         from tqdm import tqdm
