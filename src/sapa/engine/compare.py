@@ -111,7 +111,7 @@ def train_one(upsampler: str, seed: int, overrides=(), figure_images=FIGURE_IMAG
     from .trainer import Trainer
 
     cfg = build_config(upsampler, seed, overrides)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tr = Trainer(cfg, dist=DistInfo(), log=lambda *a, **k: None)
     norms: list[float] = []
     params = [p for p in tr.model.parameters() if p.requires_grad]
@@ -137,7 +137,8 @@ def train_one(upsampler: str, seed: int, overrides=(), figure_images=FIGURE_IMAG
     tail = norms[-100:]
     return {"upsampler": upsampler, "seed": seed, "miou": ev["miou"], "biou": ev["biou"], "aacc": ev["aacc"],
             "iou_per_class": ev["iou_per_class"], "biou_per_class": ev["biou_per_class"],
-            "train_s": round(time.perf_counter() - t0, 2), "preds": preds,
+            "train_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+            "preds": preds,
             "grad_norm": {"mean": _round(statistics.fmean(norms)) if norms else None,
                           "max": _round(max(norms)) if norms else None,
                           "last100_mean": _round(statistics.fmean(tail)) if tail else None},
