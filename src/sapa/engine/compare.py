@@ -277,7 +277,17 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
     build_config(names[0], 0, overrides)  # validate overrides before any work
     t0 = time.perf_counter()
 
-    costs = {n: complexity_of(n, overrides) for n in names}
+    prev_threads = torch.get_num_threads()
+    if jobs == 1:
+        # One thread from the start: an OpenMP pool created by a 2-thread op here (the complexity
+        # count) keeps oneDNN's reorders parallel afterwards, and its second thread spun: a 64 px
+        # run took over 4x its CPU time on a loaded machine (py-spy: GOMP_parallel in conv backward).
+        torch.set_num_threads(1)
+    try:
+        costs = {n: complexity_of(n, overrides) for n in names}
+    except BaseException:
+        torch.set_num_threads(prev_threads)
+        raise
     # Seed by seed, the reference first, then longest first: a short makespan within each seed, and
     # an interrupted multi-seed run (runs.jsonl) holds whole seeds with their reference runs.
     tasks = sorted(((n, s, tuple(overrides), FIGURE_IMAGES if s == 0 else ()) for n in names for s in range(seeds)),
@@ -305,12 +315,8 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
 
     try:
         if jobs == 1:
-            prev = torch.get_num_threads()
-            try:
-                for t in tasks:
-                    done(train_one(*t))
-            finally:
-                torch.set_num_threads(prev)
+            for t in tasks:
+                done(train_one(*t))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -320,6 +326,7 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
                 for f in as_completed(futures):
                     done(f.result())
     finally:
+        torch.set_num_threads(prev_threads)
         if bar is not None:
             bar.close()
 
