@@ -112,7 +112,8 @@ class SegFormerHead(nn.Module):
                                  f"[B, {c}, H, W]")
         return self.linear_c1(c1), self.linear_c2(c2), self.linear_c3(c3), self.linear_c4(c4)
 
-    def fuse(self, _c1, _c2, _c3, _c4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fuse(self, _c1: torch.Tensor, _c2: torch.Tensor, _c3: torch.Tensor,
+             _c4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bring ``_c4``, ``_c3``, ``_c2`` to the size of ``_c1`` (the upsampling part of the head)."""
         if self.one_step:
             size = _c1.shape[-2:]
@@ -132,7 +133,7 @@ class SegFormerHead(nn.Module):
         return self.linear_pred(self.dropout(x))
 
 
-def mit_config(variant: str = "b1", **overrides):
+def mit_config(variant: str = "b1", **overrides: Any) -> Any:
     """A ``transformers.SegformerConfig`` for MiT-``variant``, built by hand (nothing is downloaded).
 
     Shared by all variants: heads 1/2/5/8, sr ratios 8/4/2/1, patch sizes 7/3/3/3, strides 4/2/2/2,

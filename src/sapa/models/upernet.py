@@ -148,7 +148,9 @@ class UPerNet(nn.Module):
 
 
 def upernet(depth: int = 50, num_classes: int = 150, upsampler: Any = "bilinear",
-            pretrained: str | os.PathLike | None = None, **kwargs) -> UPerNet:
+            pretrained: str | os.PathLike | None = None, **kwargs: Any) -> UPerNet:
+    """UPerNet-R``depth`` (50 or 101); ``upsampler`` as :class:`UPerHead` (names and dicts get the
+    published UPerNet configuration, :mod:`sapa.models.presets`)."""
     if depth not in (50, 101):
         raise ValueError(f"upernet: depth must be 50 or 101, got {depth}")
     return UPerNet(f"resnet{depth}c", num_classes=num_classes, upsampler=upsampler, pretrained=pretrained, **kwargs)
