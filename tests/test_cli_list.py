@@ -54,3 +54,28 @@ def test_console_entry_point_help():
 def test_list_bad_channels_is_a_clear_error(capsys, argv):
     assert main(argv) == 2
     assert "in_channels" in capsys.readouterr().err
+
+
+def test_list_says_what_each_host_builds(capsys):
+    rows = {r["upsampler"]: r for r in _json_rows(capsys, ["list", "--json", "--channels", "64"])}
+    # by hand from the sources: FADE gated only in SegFormer; SAPA-B the NeurIPS module everywhere;
+    # SAPA-G not in the UPerNet table; DySample in no table
+    assert rows["fade"]["hosts"]["segformer"]["config"]["gating"] is True
+    assert rows["fade"]["hosts"]["upernet"]["config"]["gating"] is False
+    assert rows["fade"]["hosts"]["fpn"]["config"]["gating"] is False
+    assert all(rows["sapa_b"]["hosts"][h]["config"]["version"] == "neurips" for h in ("segformer", "upernet", "fpn"))
+    assert rows["sapa_g"]["hosts"]["upernet"] is None and rows["dysample"]["hosts"] == dict.fromkeys(
+        ("segformer", "upernet", "fpn"))
+    assert rows["sapa_i"]["hosts"]["segformer"]["basis"] == "ours"
+    assert main(["list"]) == 0
+    table = capsys.readouterr().out
+    assert "NeurIPS LN+Linear d32" in table and "ungated" in table and "segformer" in table
+
+
+def test_list_host_prints_the_rows_in_full(capsys):
+    assert main(["list", "fade", "--host", "fpn"]) == 0
+    out = capsys.readouterr().out
+    assert "gating=False" in out and "Xavier" in out and "fade-without-gating" in out
+    rows = _json_rows(capsys, ["list", "sapa_[dg]", "--host", "upernet", "--json"])
+    assert [r["upsampler"] for r in rows] == ["sapa_g", "sapa_d"]
+    assert rows[0]["config"] is None and rows[1]["basis"] == "ours" and rows[1]["why"]

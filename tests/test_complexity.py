@@ -287,3 +287,19 @@ def test_cli_json_and_table(capsys):
     assert "nearest" in out and "sapa_b" in out and "+0.05" in out
     assert main(["complexity", "--size", "7"]) == 2
     assert main(["complexity", "--upsamplers", "nope"]) == 2
+
+
+def test_hosts_count_their_published_modules():
+    """UPerNet and FPN build FADE ungated: 3 x (C*64 + 64 + C*64 + 64*25*9 + 25) parameters, no gate;
+    SegFormer's is gated (+ C + 1 per instance). Each row says what was built."""
+    def fade(C, gate):
+        return C * 64 + 64 + C * 64 + 64 * 25 * 9 + 25 + (C + 1 if gate else 0)
+    def delta(host, name, base):
+        return cx.measure(host, name, 64).params - cx.measure(host, base, 64).params
+    assert delta("upernet-r50", "fade", "bilinear") == 3 * fade(512, False)
+    assert delta("faster-rcnn-r50", "fade", "nearest") == 3 * fade(256, False)
+    assert delta("segformer-b1", "fade", "bilinear") == 6 * fade(256, True)
+    up = {r["upsampler"]: r for r in cx.host_rows("upernet-r50", ["fade", "sapa_b"], 64)}
+    assert up["fade"]["config"] == "ungated (released)" and up["sapa_b"]["config"].startswith("NeurIPS")
+    seg = {r["upsampler"]: r for r in cx.host_rows("segformer-b1", ["dysample"], 64)}
+    assert seg["dysample"]["config"] == "registered defaults (no published row)"

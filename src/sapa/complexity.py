@@ -410,6 +410,8 @@ class Host:
     # paper deltas (GFLOPs, Params M) per upsampler and the paper baseline (absolute)
     paper: dict[str, tuple[float | None, float | None]]
     paper_source: str
+    preset_host: str = "segformer"
+    """the host key of :mod:`sapa.models.presets` whose published configurations the model builds"""
 
 
 class _DenseDetector(nn.Module):
@@ -473,17 +475,20 @@ HOSTS: dict[str, Host] = {
                          "whole model", _SEGFORMER_PAPER, "NeurIPS README (extension README for Deconv, "
                          "PixelShuffle, FADE, SAPA-D)"),
     "upernet-r50": Host("upernet-r50", "bilinear", _upernet(50), _with_aux,
-                        "whole model with the auxiliary FCN head", _UPERNET50_PAPER, "extension README (params only)"),
+                        "whole model with the auxiliary FCN head", _UPERNET50_PAPER, "extension README (params only)",
+                        "upernet"),
     "upernet-r101": Host("upernet-r101", "bilinear", _upernet(101), _with_aux,
                          "whole model with the auxiliary FCN head",
-                         {"bilinear": (None, 85.5), "sapa_d": (None, 0.1)}, "extension README (params only)"),
+                         {"bilinear": (None, 85.5), "sapa_d": (None, 0.1)}, "extension README (params only)",
+                         "upernet"),
     "faster-rcnn-r50": Host("faster-rcnn-r50", "nearest", _faster_rcnn(50), _DenseDetector,
                             "backbone + FPN + RPN head (the RoI head's cost depends on the number of proposals)",
                             _FRCNN50_PAPER, "NeurIPS README (extension README for Deconv, PixelShuffle, FADE, "
-                            "SAPA-D); params only"),
+                            "SAPA-D); params only", "fpn"),
     "faster-rcnn-r101": Host("faster-rcnn-r101", "nearest", _faster_rcnn(101), _DenseDetector,
                              "backbone + FPN + RPN head (the RoI head's cost depends on the number of proposals)",
-                             {"nearest": (None, 65.8), "sapa_d": (None, 0.6)}, "extension README (params only)"),
+                             {"nearest": (None, 65.8), "sapa_d": (None, 0.6)}, "extension README (params only)",
+                             "fpn"),
 }
 
 
@@ -515,11 +520,14 @@ def measure(host: str, upsampler: Any, size: int | Sequence[int] = 512, *, devic
 def host_rows(host: str, upsamplers: Sequence[Any] | None = None, size: int | Sequence[int] = 512, *,
               sampling_macs: int = 4, device: str = "meta") -> list[dict]:
     """Rows of the complexity table of ``host``: the baseline first, then every upsampler (``None``:
-    every registered one; ``[]``: the baseline only). Keys: ``upsampler``, ``gflops`` (GMACs),
+    every registered one; ``[]``: the baseline only). Keys: ``upsampler``, ``config`` (which
+    configuration the host builds for the name: the published row of :mod:`sapa.models.presets`
+    with its basis, or the registered defaults), ``gflops`` (GMACs),
     ``params_m`` (absolute, whole model), ``d_gflops``, ``d_params_m`` (vs the baseline),
     ``paper_gflops``/``paper_params_m``
     (the papers' value for the row: absolute for the baseline, a delta otherwise; ``None`` where
     the papers have none)."""
+    from .models.presets import describe
     from .registry import list_upsamplers
 
     if host not in HOSTS:
@@ -535,6 +543,7 @@ def host_rows(host: str, upsamplers: Sequence[Any] | None = None, size: int | Se
             base = c
         pg, pp = h.paper.get(name, (None, None)) if isinstance(name, str) else (None, None)
         rows.append({"upsampler": name if isinstance(name, str) else repr(name),
+                     "config": describe(h.preset_host, name) if isinstance(name, str) else "as given",
                      "gflops": round(c.macs / 1e9, 4), "params_m": round(c.params / 1e6, 4),
                      "d_gflops": round((c.macs - base.macs) / 1e9, 4),
                      "d_params_m": round((c.params - base.params) / 1e6, 4),

@@ -60,7 +60,9 @@ def run(args) -> int:
     h = HOSTS[args.host]
     print(f"# {args.host} at {size[0]}x{size[1]}: GFLOPs = GMACs of the {h.flops_note}; params of the whole "
           f"model. Baseline absolute, others as deltas. Paper: {h.paper_source}.")
-    print(f"{'upsampler':<14}{'GFLOPs':>10}{'paper':>8}{'Params(M)':>12}{'paper':>8}")
+    print(f"# built as: the published configuration the host builds for the name (sapa list --host "
+          f"{h.preset_host}); basis released / inferred / ours")
+    print(f"{'upsampler':<14}{'GFLOPs':>10}{'paper':>8}{'Params(M)':>12}{'paper':>8}  built as")
     for i, r in enumerate(rows):
         if i == 0:
             g, p = _fmt(r["gflops"], ".2f"), _fmt(r["params_m"], ".2f")
@@ -68,5 +70,5 @@ def run(args) -> int:
         else:
             g, p = _fmt(r["d_gflops"], ".2f", True), _fmt(r["d_params_m"], ".3f", True)
             pg, pp = _fmt(r["paper_gflops"], ".2f", True), _fmt(r["paper_params_m"], ".2f", True)
-        print(f"{r['upsampler']:<14}{g:>10}{pg:>8}{p:>12}{pp:>8}")
+        print(f"{r['upsampler']:<14}{g:>10}{pg:>8}{p:>12}{pp:>8}  {r['config']}")
     return 0

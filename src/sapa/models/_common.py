@@ -53,13 +53,15 @@ def describe_spec(spec: Any) -> str:
 
 
 def build_stage_upsamplers(spec: Any, n: int, channels: int, host: str, *, resize_names: Sequence[str] = (),
-                           align_corners: bool = False) -> nn.ModuleList:
+                           align_corners: bool = False, preset_host: str | None = None) -> nn.ModuleList:
     """``n`` upsamplers on ``channels``-channel maps, each guided by a ``channels``-channel map.
 
     ``spec``: a registered name, ``dict(type=..., **kw)`` or ``Upsampler`` class (one fresh module
     per stage), or a list/tuple of ``n`` such specs or instances (one per stage). A single
     instance cannot serve ``n > 1`` stages (its parameters would be shared); that raises
     ``TypeError``. Names in ``resize_names`` become :class:`Resize` (the host's original resize).
+    ``preset_host``: names and dicts get that host's published configuration
+    (:func:`sapa.models.presets.resolve_spec`; the user's keys win).
     """
     if isinstance(spec, (list, tuple)):
         if len(spec) != n:
@@ -76,6 +78,9 @@ def build_stage_upsamplers(spec: Any, n: int, channels: int, host: str, *, resiz
                             f"of {n} instances")
     else:
         specs = [spec] * n
+    if preset_host is not None:
+        from .presets import resolve_spec
+        specs = [s if isinstance(s, str) and s in resize_names else resolve_spec(preset_host, s) for s in specs]
     mods = []
     for i, s in enumerate(specs):
         if isinstance(s, str) and s in resize_names:

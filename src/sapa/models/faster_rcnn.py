@@ -38,13 +38,14 @@ class ResNetFPNBackbone(nn.Module):
             and ``requires_grad=False``). Its statistics and affine terms are buffers, so they do not
             count as parameters.
         pretrained_backbone: local ResNet weights (torchvision / mmdet ``backbone.`` names).
+        xavier_upsamplers: the neck's Xavier init of the upsamplers' convs (see :class:`FPN`).
 
     Works on any input size: the strides are ceil-mode and the FPN upsamplers take the guide's size.
     """
 
     def __init__(self, depth: int = 50, upsampler: Any = "nearest", out_channels: int = 256,
                  trainable_layers: int = 3, frozen_bn: bool = True,
-                 pretrained_backbone: str | os.PathLike | None = None, xavier_upsamplers: bool = False):
+                 pretrained_backbone: str | os.PathLike | None = None, xavier_upsamplers: bool = True):
         super().__init__()
         from .._optional import optional_import
 
@@ -96,7 +97,7 @@ def load_torchvision_resnet(body: nn.Module, source: str | os.PathLike | dict) -
 
 def faster_rcnn(depth: int = 50, num_classes: int = 91, upsampler: Any = "nearest",
                 pretrained_backbone: str | os.PathLike | None = None, trainable_layers: int = 3,
-                xavier_upsamplers: bool = False, **kwargs):
+                xavier_upsamplers: bool = True, **kwargs) -> nn.Module:
     """``torchvision.models.detection.FasterRCNN`` on ResNet-``depth`` + our FPN.
 
     ``kwargs`` go to ``FasterRCNN`` (``min_size``, ``max_size``, ``rpn_*``, ``box_*``, ...); its
@@ -115,12 +116,12 @@ def faster_rcnn(depth: int = 50, num_classes: int = 91, upsampler: Any = "neares
 
 
 def faster_rcnn_r50(num_classes: int = 91, upsampler: Any = "nearest",
-                    pretrained_backbone: str | os.PathLike | None = None, **kwargs):
+                    pretrained_backbone: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Faster R-CNN R50-FPN (41.5 M params with nearest and 81 classes)."""
     return faster_rcnn(50, num_classes, upsampler, pretrained_backbone, **kwargs)
 
 
 def faster_rcnn_r101(num_classes: int = 91, upsampler: Any = "nearest",
-                     pretrained_backbone: str | os.PathLike | None = None, **kwargs):
+                     pretrained_backbone: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Faster R-CNN R101-FPN."""
     return faster_rcnn(101, num_classes, upsampler, pretrained_backbone, **kwargs)

@@ -22,7 +22,31 @@ from torch import nn
 
 from ._common import build_stage_upsamplers
 
-__all__ = ["FPN"]
+__all__ = ["FPN", "neck_xavier_init_"]
+
+
+def neck_xavier_init_(module: nn.Module) -> list[str]:
+    """What mmdet's neck ``init_cfg = dict(type='Xavier', layer='Conv2d', distribution='uniform')``
+    does to ``module``: every ``nn.Conv2d`` (subclasses included, as mmengine matches base class
+    names) gets ``xavier_uniform_`` (gain 1) and a zero bias. ``ConvTranspose2d`` and ``Linear`` are
+    not ``Conv2d`` and are left alone. Our IndexNet stores the official four ``Conv2d(C, C, 2, 2)``
+    as one conv with ``s^2 C`` outputs; each block is initialised on its own (the fan of one official
+    conv). Returns the names of the convs it re-initialised."""
+    from ..nn.indexnet import IndexNet
+
+    blocks = {id(m.index_conv): m.scale_factor ** 2 for m in module.modules() if isinstance(m, IndexNet)}
+    done = []
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        n = blocks.get(id(m), 1)
+        step = m.weight.shape[0] // n
+        for k in range(n):
+            nn.init.xavier_uniform_(m.weight[k * step:(k + 1) * step])
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+        done.append(name)
+    return done
 
 
 class FPN(nn.Module):
@@ -36,16 +60,22 @@ class FPN(nn.Module):
             ``dict(type=..., **kw)`` or class builds three modules on ``out_channels`` maps guided
             by ``out_channels`` laterals; or a list of three specs/instances (``[0]``: 1/8 -> 1/4,
             ``[2]``: 1/32 -> 1/16). A single instance raises ``TypeError``.
-        xavier_upsamplers: also Xavier-initialise the convs inside the upsamplers. mmdet's FPN
-            ``init_cfg`` (Xavier uniform on every ``Conv2d`` of the neck) most likely did this to the
-            papers' detection runs (docs/SEMANTICS.md §2.2 caveat); off by default.
+        xavier_upsamplers: re-initialise every ``nn.Conv2d`` inside the upsamplers with
+            Xavier-uniform and zero bias after their own init (default True), as mmdet's neck
+            ``init_cfg = Xavier(uniform, layer='Conv2d')`` does to the papers' detection runs: it
+            reaches SAPA-D's q/k/offset convs, CARAFE's compressor and encoder, DySample's offset
+            (std 0.001 -> ~0.14 at 256 channels), PixelShuffle, IndexNet (each official 2x2 conv on
+            its own), A2U, FADE. ``nn.ConvTranspose2d`` (deconv) and ``nn.Linear`` (the NeurIPS
+            SAPA-B/G projections) are not ``Conv2d`` and keep their init. ``False`` keeps every
+            upsampler's own init. Names and dicts get the published FPN configuration
+            (:mod:`sapa.models.presets`: ``"fade"`` is ungated, ``"sapa_b"`` the NeurIPS module).
 
     ``forward(features)`` (a list or a mapping of 4 maps) -> ``OrderedDict`` ``'0'..'3'`` (P2-P5) and
     ``'pool'`` (P6), the layout of torchvision's ``BackboneWithFPN``.
     """
 
     def __init__(self, in_channels: Sequence[int] = (256, 512, 1024, 2048), out_channels: int = 256,
-                 upsampler: Any = "nearest", xavier_upsamplers: bool = False):
+                 upsampler: Any = "nearest", xavier_upsamplers: bool = True):
         super().__init__()
         in_channels = list(in_channels)
         if len(in_channels) != 4:
@@ -57,14 +87,10 @@ class FPN(nn.Module):
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
         self.upsamplers = build_stage_upsamplers(upsampler, 3, out_channels, "FPN",
-                                                 resize_names=("nearest", "bilinear"))
-        if xavier_upsamplers:
-            for up in self.upsamplers:
-                for m in up.modules():
-                    if isinstance(m, nn.Conv2d):
-                        nn.init.xavier_uniform_(m.weight)
-                        if m.bias is not None:
-                            nn.init.zeros_(m.bias)
+                                                 resize_names=("nearest", "bilinear"), preset_host="fpn")
+        self.xavier_upsamplers = bool(xavier_upsamplers)
+        if self.xavier_upsamplers:
+            neck_xavier_init_(self.upsamplers)
 
     def forward(self, features: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         feats = list(features.values()) if isinstance(features, Mapping) else list(features)

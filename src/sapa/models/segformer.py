@@ -68,7 +68,10 @@ class SegFormerHead(nn.Module):
             upsampler modules. Otherwise a registered name, ``dict(type=..., **kw)`` or an
             ``Upsampler`` class (six modules are built, one per stage, on E channels guided by
             E-channel maps), or a list of six specs/instances ``[up0, ..., up5]``. A single
-            instance is refused (``TypeError``): it cannot serve six stages.
+            instance is refused (``TypeError``): it cannot serve six stages. Names and dicts get
+            the published SegFormer configuration (:mod:`sapa.models.presets`: ``"sapa_b"`` is
+            the NeurIPS LayerNorm + Linear SAPA-B with d = 32, ``"fade"`` is gated); keys you pass
+            win, and a class is built with its own defaults.
         dropout: ``Dropout2d`` rate before ``linear_pred`` (0.1).
         align_corners: of the one-step bilinear resize (False, as NVlabs).
 
@@ -93,7 +96,7 @@ class SegFormerHead(nn.Module):
         self.linear_c1 = MLP(c1, embed_dim)
         self.one_step = _is_one_step_bilinear(upsampler)
         self.upsamplers = (nn.ModuleList() if self.one_step else
-                           build_stage_upsamplers(upsampler, 6, embed_dim, "SegFormerHead"))
+                           build_stage_upsamplers(upsampler, 6, embed_dim, "SegFormerHead", preset_host="segformer"))
         self.linear_fuse = ConvModule(4 * embed_dim, embed_dim, 1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
@@ -109,7 +112,8 @@ class SegFormerHead(nn.Module):
                                  f"[B, {c}, H, W]")
         return self.linear_c1(c1), self.linear_c2(c2), self.linear_c3(c3), self.linear_c4(c4)
 
-    def fuse(self, _c1, _c2, _c3, _c4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fuse(self, _c1: torch.Tensor, _c2: torch.Tensor, _c3: torch.Tensor,
+             _c4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bring ``_c4``, ``_c3``, ``_c2`` to the size of ``_c1`` (the upsampling part of the head)."""
         if self.one_step:
             size = _c1.shape[-2:]
@@ -129,7 +133,7 @@ class SegFormerHead(nn.Module):
         return self.linear_pred(self.dropout(x))
 
 
-def mit_config(variant: str = "b1", **overrides):
+def mit_config(variant: str = "b1", **overrides: Any) -> Any:
     """A ``transformers.SegformerConfig`` for MiT-``variant``, built by hand (nothing is downloaded).
 
     Shared by all variants: heads 1/2/5/8, sr ratios 8/4/2/1, patch sizes 7/3/3/3, strides 4/2/2/2,

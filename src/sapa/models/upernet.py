@@ -50,6 +50,8 @@ class UPerHead(nn.Module):
             class builds three modules on ``channels``-channel maps guided by ``channels``-channel
             laterals; or a list of three specs/instances indexed like ``upsamplers`` (``[0]`` does
             1/8 -> 1/4, ``[2]`` does 1/32 -> 1/16). A single instance raises ``TypeError``.
+            Names and dicts get the published UPerNet configuration (:mod:`sapa.models.presets`:
+            ``"fade"`` is ungated, ``"sapa_b"`` the NeurIPS module); keys you pass win.
         pool_scales: PPM scales (1, 2, 3, 6). dropout: ``Dropout2d`` before ``conv_seg`` (0.1).
 
     ``forward(features)`` -> logits ``[B, num_classes, H_1, W_1]`` at 1/4 (ceil-mode sizes work).
@@ -69,7 +71,8 @@ class UPerHead(nn.Module):
         self.lateral_convs = nn.ModuleList(ConvModule(c, channels, 1) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3, padding=1) for _ in in_channels[:-1])
         self.upsamplers = build_stage_upsamplers(upsampler, 3, channels, "UPerHead",
-                                                 resize_names=("bilinear", "nearest"), align_corners=align_corners)
+                                                 resize_names=("bilinear", "nearest"), align_corners=align_corners,
+                                                 preset_host="upernet")
         self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, padding=1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
@@ -145,7 +148,9 @@ class UPerNet(nn.Module):
 
 
 def upernet(depth: int = 50, num_classes: int = 150, upsampler: Any = "bilinear",
-            pretrained: str | os.PathLike | None = None, **kwargs) -> UPerNet:
+            pretrained: str | os.PathLike | None = None, **kwargs: Any) -> UPerNet:
+    """UPerNet-R``depth`` (50 or 101); ``upsampler`` as :class:`UPerHead` (names and dicts get the
+    published UPerNet configuration, :mod:`sapa.models.presets`)."""
     if depth not in (50, 101):
         raise ValueError(f"upernet: depth must be 50 or 101, got {depth}")
     return UPerNet(f"resnet{depth}c", num_classes=num_classes, upsampler=upsampler, pretrained=pretrained, **kwargs)

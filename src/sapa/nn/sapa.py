@@ -67,11 +67,14 @@ class SAPAB(Upsampler):
         embedding_dim: d, default 32 (the papers' experiments).
         kernel_size: K, default 5.
         version: ``'journal'`` (default; GroupNorm(32) + 1x1 convs, normal(0.02) init — the
-            extension / mmseg / mmdet code) or ``'neurips'`` (per-pixel LayerNorm + Linear,
-            trunc_normal(0.02) init — the NeurIPS code).
-        norm: journal version only; ``True`` (GroupNorm(32), default), ``'layer'`` or ``False``.
+            extension / mmseg / mmdet code, which has no published row of its own) or ``'neurips'``
+            (per-pixel LayerNorm + ``nn.Linear``, trunc_normal(0.02) init, zero bias — the NeurIPS
+            ``SAPA.py`` / ``LCAExp(q_mode='encoder_only')`` that produced every published SAPA-B row;
+            the hosts build this one by default, see :mod:`sapa.models.presets`).
+        norm: ``True`` (default) is the version's own norm (journal: GroupNorm(32); NeurIPS:
+            per-pixel LayerNorm); ``'group'``, ``'layer'`` or ``False`` choose one explicitly.
         qkv_bias: bias in the projections (default True).
-    Params at C = Cg = 256, d = 32: 4C + 2(Cd + d) = 17,472.
+    Params at C = Cg = 256, d = 32: 4C + 2(Cd + d) = 17,472 (both versions).
     """
 
     needs_guide = True
@@ -86,8 +89,10 @@ class SAPAB(Upsampler):
             raise ValueError(f"SAPAB: version must be 'journal' or 'neurips', got {version!r}")
         self.version = version
         cy, cx, d = self.guide_channels, self.in_channels, self.embedding_dim
+        self.norm = norm
         if version == "neurips":
-            self.norm_y, self.norm_x = LayerNorm2d(cy), LayerNorm2d(cx)
+            kind = "layer" if norm is True else norm
+            self.norm_y, self.norm_x = _make_norm(kind, cy, "SAPAB"), _make_norm(kind, cx, "SAPAB")
             self.q, self.k = Linear2d(cy, d, qkv_bias), Linear2d(cx, d, qkv_bias)
         else:
             self.norm_y = _make_norm(norm, cy, "SAPAB")
@@ -102,7 +107,7 @@ class SAPAB(Upsampler):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, embedding_dim={self.embedding_dim}, "
-                f"version={self.version!r}")
+                f"version={self.version!r}, norm={self.norm!r}")
 
 
 @register_upsampler("sapa_g")
@@ -113,7 +118,9 @@ class SAPAG(Upsampler):
     ``q = g * P_qy(LN(y)) + (1 - g) * P_qx(NN_up(x))`` (un-normalised x, as the official code);
     ``k = P_k(LN(x))``; values raw x. ``P_qx`` is applied at low resolution before the nearest
     upsampling, which is the same map (a per-pixel linear map commutes with pixel repetition) at
-    1/s^2 of the cost. Params at C = 256, d = 32: 25,953.
+    1/s^2 of the cost. ``qkv_bias`` (default True) sets the bias of all four Linear layers, the
+    gate's included (``SAPAExp`` builds the gate with ``bias=qkv_bias``). Params at C = 256, d = 32:
+    25,953 (25,856 without biases).
     """
 
     needs_guide = True
@@ -129,7 +136,7 @@ class SAPAG(Upsampler):
         self.q = Linear2d(cy, d, qkv_bias)
         self.q_x = Linear2d(cx, d, qkv_bias)
         self.k = Linear2d(cx, d, qkv_bias)
-        self.gate = Linear2d(cx, 1, True)
+        self.gate = Linear2d(cx, 1, qkv_bias)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
@@ -153,9 +160,11 @@ class SAPAD(Upsampler):
     ``Conv1x1(x -> 2*G*P)`` + nearest upsampling. Keys and raw values are sampled bilinearly (zero
     padding), softmax over the P points per group. See ``sapa.functional.sapa_deform``.
 
-    Args: num_points P=9, groups G=4, embedding_dim d=32 (per group), qkv_bias=True,
+    Args: num_points P=9, groups G=4, embedding_dim d=32 (per group), qkv_bias=True (the bias of
+    the q, k and offset convs: the official ``SAPADeform`` builds all three with ``bias=qkv_bias``),
     high_offset=True, norm=False (True: GroupNorm(32) on y and x). Init normal(0.02), zero bias:
-    offsets ~ 0, so SAPA-D starts as nearest upsampling. Params at C=256: 139,808.
+    offsets ~ 0, so SAPA-D starts as nearest upsampling. Params at C=256: 139,808 (139,264
+    without biases).
     """
 
     needs_guide = True
@@ -177,7 +186,7 @@ class SAPAD(Upsampler):
         self.norm_x = _make_norm(norm, cx, "SAPAD")
         self.q = conv1x1(cy, gd, qkv_bias)
         self.k = conv1x1(cx, gd, qkv_bias)
-        self.offset = conv1x1(cx, 2 * gp * (s * s if self.high_offset else 1), True)
+        self.offset = conv1x1(cx, 2 * gp * (s * s if self.high_offset else 1), qkv_bias)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         size = self.output_size(x, guide)
