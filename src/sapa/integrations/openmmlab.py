@@ -217,6 +217,14 @@ def _register_mmseg() -> str | None:
     from ..models.segformer import SegFormerHead
     from ..models.upernet import UPerHead
 
+    def _norm(owner, head, core):
+        """sapa's hosts use ConvModule + BatchNorm + ReLU (mmseg's configs: ``norm_cfg=dict(type='SyncBN')``)."""
+        kind = (head.norm_cfg or {}).get("type")
+        if kind not in ("BN", "SyncBN"):
+            raise ValueError(f"{owner}: norm_cfg must be dict(type='BN') or dict(type='SyncBN') (the papers' "
+                             f"configs), got {head.norm_cfg!r}")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(core) if kind == "SyncBN" else core
+
     class SapaSegFormerHead(BaseDecodeHead):
         """NVlabs' SegFormer head (the papers' placement, six upsamplers) on mmseg's BaseDecodeHead.
 
@@ -230,12 +238,14 @@ def _register_mmseg() -> str | None:
 
         def __init__(self, upsampler: Any = "bilinear", **kwargs):
             kwargs.setdefault("in_index", [0, 1, 2, 3])
+            kwargs.setdefault("norm_cfg", dict(type="BN", requires_grad=True))
             super().__init__(input_transform="multiple_select", **kwargs)
             spec = upsampler
             if _is_upsampler_cfg(upsampler):
                 spec = [build_mm_upsampler(upsampler, self.channels, 2) for _ in range(6)]
             core = SegFormerHead(self.in_channels, embed_dim=self.channels, num_classes=1, upsampler=spec,
                                  dropout=0.0, align_corners=self.align_corners)
+            core = _norm("SapaSegFormerHead", self, core)
             for name in ("linear_c1", "linear_c2", "linear_c3", "linear_c4", "upsamplers", "linear_fuse"):
                 setattr(self, name, getattr(core, name))
             self.one_step = core.one_step
@@ -254,12 +264,14 @@ def _register_mmseg() -> str | None:
 
         def __init__(self, pool_scales=(1, 2, 3, 6), upsampler: Any = "bilinear", **kwargs):
             kwargs.setdefault("in_index", [0, 1, 2, 3])
+            kwargs.setdefault("norm_cfg", dict(type="BN", requires_grad=True))
             super().__init__(input_transform="multiple_select", **kwargs)
             spec = upsampler
             if _is_upsampler_cfg(upsampler):
                 spec = [build_mm_upsampler(upsampler, self.channels, 2) for _ in range(3)]
             core = UPerHead(self.in_channels, self.channels, num_classes=1, upsampler=spec,
                             pool_scales=pool_scales, dropout=0.0, align_corners=self.align_corners)
+            core = _norm("SapaUPerHead", self, core)
             for name in ("psp_modules", "bottleneck", "lateral_convs", "fpn_convs", "upsamplers", "fpn_bottleneck"):
                 setattr(self, name, getattr(core, name))
 
