@@ -61,9 +61,9 @@ class ResNetFPNBackbone(nn.Module):
             raise ValueError(f"ResNetFPNBackbone: trainable_layers must be in [0, 5], got {trainable_layers}")
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm)
+        del body.fc, body.avgpool  # before loading: the checkpoint's ImageNet fc is ignored, not expected
         if pretrained is not None:
             load_torchvision_resnet(body, pretrained)
-        del body.fc, body.avgpool
         train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         if trainable_layers == 5:
             train.append("bn1")
