@@ -62,3 +62,21 @@ def fork_dysample_init_pos(s=2, G=4):
     """The forks' ``init_pos`` buffer, [1, 2*G*s*s, 1, 1]."""
     h = torch.arange((-s + 1) / 2, (s - 1) / 2 + 1) / s
     return torch.stack(torch.meshgrid([h, h], indexing="ij")).transpose(1, 2).repeat(1, G, 1).reshape(1, -1, 1, 1)
+
+
+def fork_sapa_forward(sd, y, x, K=5, s=2, norm=True):
+    """The forks' SAPA(y=guide, x): GroupNorm(32) on both, 1x1 q / k, softmax over the K x K window of
+    <q, k> (zero-padded keys: logit 0 at out-of-range positions), weighted sum of the raw x."""
+    if norm:
+        yn = F.group_norm(y, 32, sd["norm_y.weight"], sd["norm_y.bias"])
+        xn = F.group_norm(x, 32, sd["norm_x.weight"], sd["norm_x.bias"])
+    else:
+        yn, xn = y, x
+    q = F.conv2d(yn, sd["q.weight"], sd.get("q.bias"))
+    k = F.conv2d(xn, sd["k.weight"], sd.get("k.bias"))
+    B, C, H, W = x.shape
+    d = q.shape[1]
+    kc = F.unfold(k, K, padding=K // 2).view(B, d, K * K, H, W)
+    kc = kc.repeat_interleave(s, -2).repeat_interleave(s, -1)  # [B, d, K^2, sH, sW]
+    attn = torch.softmax((q.unsqueeze(2) * kc).sum(1), dim=1)  # [B, K^2, sH, sW]
+    return carafe_reassemble(x, attn, K, 1, s)

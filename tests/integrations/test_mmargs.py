@@ -10,7 +10,7 @@ import torch
 
 import sapa
 from _mm_reference import (carafepack_forward, fork_dysample_init_pos, fork_dysample_lp_forward,
-                           fork_fade_forward)
+                           fork_fade_forward, fork_sapa_forward)
 from sapa.integrations._mmargs import (MM_DEFAULTS, accepted_args, build_mm_upsampler, convert_checkpoint,
                                        convert_state_dict, translate)
 from sapa.nn.carafe import CARAFE
@@ -165,12 +165,15 @@ def test_fork_dysample_state_dict_converts_with_equal_outputs():
     assert torch.allclose(up(x), fork_dysample_lp_forward(sd, x, s, G), atol=1e-10, rtol=0)
 
 
-def test_fork_sapa_and_sapadeform_keys_load_unchanged():
+def test_fork_sapa_and_sapadeform_keys_load_unchanged_sapa_outputs_equal():
     C = 64
-    b = build_mm_upsampler(dict(type="sapa"), C)
+    b = build_mm_upsampler(dict(type="sapa"), C).double()
     fork_b = {"norm_y.weight": (C,), "norm_y.bias": (C,), "norm_x.weight": (C,), "norm_x.bias": (C,),
               "q.weight": (32, C, 1, 1), "q.bias": (32,), "k.weight": (32, C, 1, 1), "k.bias": (32,)}
-    b.load_state_dict(convert_state_dict(_rand_sd(fork_b), b), strict=True)
+    sd_b = _rand_sd(fork_b)
+    b.load_state_dict(convert_state_dict(sd_b, b), strict=True)
+    x, y = torch.randn(2, C, 5, 7, dtype=D), torch.randn(2, C, 10, 14, dtype=D)
+    assert torch.allclose(b(x, y), fork_sapa_forward(sd_b, y, x), atol=1e-12, rtol=0)
     d = build_mm_upsampler(dict(type="sapadeform", qkv_bias=False), C)
     fork_d = {"q.weight": (128, C, 1, 1), "k.weight": (128, C, 1, 1), "offset.weight": (2 * 4 * 9 * 4, C, 1, 1)}
     conv = convert_state_dict(_rand_sd(fork_d), d)
