@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models._common import build_stage_upsamplers
 from ..models.segformer import SegFormer, SegFormerHead
 
 __all__ = ["sapa_decode_head", "swap_upsampler", "copy_hf_decode_head"]
@@ -42,11 +41,13 @@ def swap_upsampler(model_or_head: Any, upsampler: Any) -> SegFormerHead:
     changes.
     """
     head = _head_of(model_or_head)
-    one_step = upsampler is None or (isinstance(upsampler, str) and upsampler == "bilinear")
-    ups = nn.ModuleList() if one_step else build_stage_upsamplers(upsampler, 6, head.embed_dim, "SegFormerHead")
+    # Built by a throw-away head, so the six modules are exactly what SegFormerHead(upsampler=...)
+    # builds (its per-host defaults included); only its upsamplers are kept.
+    fresh = SegFormerHead(head.in_channels, embed_dim=head.embed_dim, num_classes=1, upsampler=upsampler,
+                          dropout=0.0, align_corners=head.align_corners)
     ref = head.linear_fuse.conv.weight
-    head.upsamplers = ups.to(device=ref.device, dtype=ref.dtype).train(head.training)
-    head.one_step = one_step
+    head.upsamplers = fresh.upsamplers.to(device=ref.device, dtype=ref.dtype).train(head.training)
+    head.one_step = fresh.one_step
     return head
 
 
