@@ -36,3 +36,20 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# OpenMMLab integration (sapa.integrations.openmmlab): its own venv, so mmengine / mmcv-lite / mmdet /
+# mmseg never enter the default test install. Same torch set-up as above, then the openmmlab extra.
+MM_VENV  ?= .venv-openmmlab
+MM_PY    := $(MM_VENV)/bin/python
+MM_STAMP := $(MM_VENV)/.sapa-installed
+
+.PHONY: test-openmmlab
+
+$(MM_STAMP): pyproject.toml constraints.txt
+	test -x $(MM_PY) || $(PYTHON) -m venv $(MM_VENV)
+	$(MM_PY) -m pip install --isolated -q $$(grep -E '^(torch|torchvision)==' constraints.txt)
+	$(MM_PY) -m pip install -q -c constraints.txt -e '.[openmmlab,test]'
+	touch $(MM_STAMP)
+
+test-openmmlab: $(MM_STAMP)
+	$(MM_PY) -m pytest -q -n 2 --dist loadgroup tests/integrations

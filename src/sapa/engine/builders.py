@@ -50,7 +50,7 @@ def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
         return fn(num_classes=nc, upsampler=up, pretrained=m.pretrained)
     if m.name == "faster_rcnn_r50":
         fn = _import("sapa.models.faster_rcnn", "faster_rcnn_r50")
-        return fn(num_classes=nc, upsampler=up, pretrained_backbone=m.pretrained)
+        return fn(num_classes=nc, upsampler=up, pretrained=m.pretrained)
     raise ValueError(f"unknown model {m.name!r}; valid: tiny_segformer, tiny_faster_rcnn, segformer_b1, "
                      f"upernet_r50, faster_rcnn_r50")
 

@@ -4,7 +4,8 @@ The detector is ``torchvision.models.detection.FasterRCNN`` (RPN, RoIAlign, 2-fc
 torchvision counterparts of mmdet's ``faster-rcnn_r50_fpn_1x``) on a :class:`ResNetFPNBackbone`:
 a torchvision ResNet body (``weights=None``; frozen BatchNorm and, as mmdet's ``frozen_stages=1``,
 a frozen stem and ``layer1``) and :class:`sapa.models.fpn.FPN`. Nothing is downloaded;
-``pretrained_backbone=`` reads local ImageNet weights (torchvision names).
+``pretrained=`` reads local ImageNet weights (torchvision names; ``pretrained_backbone=`` is its
+deprecated old name).
 
 Classes follow torchvision: ``num_classes`` counts the background (91 for torchvision's COCO ids,
 81 for the 80 contiguous COCO classes that mmdet's head predicts).
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import load_checked, read_state_dict, strip_prefix
+from ._common import load_checked, strip_prefix
+from ._weights import read_state_dict, take_pretrained
 from .fpn import FPN
 
 __all__ = ["ResNetFPNBackbone", "faster_rcnn", "faster_rcnn_r50", "faster_rcnn_r101", "load_torchvision_resnet"]
@@ -37,7 +39,8 @@ class ResNetFPNBackbone(nn.Module):
         frozen_bn: torchvision ``FrozenBatchNorm2d`` (default; mmdet freezes BN too: ``norm_eval``
             and ``requires_grad=False``). Its statistics and affine terms are buffers, so they do not
             count as parameters.
-        pretrained_backbone: local ResNet weights (torchvision / mmdet ``backbone.`` names).
+        pretrained: local ResNet weights (torchvision / mmdet ``backbone.`` names; file, folder or
+            state dict). ``pretrained_backbone=`` is its deprecated old name.
         xavier_upsamplers: the neck's Xavier init of the upsamplers' convs (see :class:`FPN`).
 
     Works on any input size: the strides are ceil-mode and the FPN upsamplers take the guide's size.
@@ -45,8 +48,11 @@ class ResNetFPNBackbone(nn.Module):
 
     def __init__(self, depth: int = 50, upsampler: Any = "nearest", out_channels: int = 256,
                  trainable_layers: int = 3, frozen_bn: bool = True,
-                 pretrained_backbone: str | os.PathLike | None = None, xavier_upsamplers: bool = True):
+                 pretrained: str | os.PathLike | None = None, xavier_upsamplers: bool = True, **kwargs):
         super().__init__()
+        pretrained = take_pretrained(pretrained, kwargs, "ResNetFPNBackbone")
+        if kwargs:
+            raise TypeError(f"ResNetFPNBackbone: unexpected keyword arguments {sorted(kwargs)}")
         from .._optional import optional_import
 
         with optional_import("torchvision", "the Faster R-CNN backbone"):
@@ -59,9 +65,9 @@ class ResNetFPNBackbone(nn.Module):
             raise ValueError(f"ResNetFPNBackbone: trainable_layers must be in [0, 5], got {trainable_layers}")
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm)
-        if pretrained_backbone is not None:
-            load_torchvision_resnet(body, pretrained_backbone)
-        del body.fc, body.avgpool
+        del body.fc, body.avgpool  # before loading: the checkpoint's ImageNet fc is ignored, not expected
+        if pretrained is not None:
+            load_torchvision_resnet(body, pretrained)
         train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         if trainable_layers == 5:
             train.append("bn1")
@@ -96,7 +102,7 @@ def load_torchvision_resnet(body: nn.Module, source: str | os.PathLike | dict) -
 
 
 def faster_rcnn(depth: int = 50, num_classes: int = 91, upsampler: Any = "nearest",
-                pretrained_backbone: str | os.PathLike | None = None, trainable_layers: int = 3,
+                pretrained: str | os.PathLike | None = None, trainable_layers: int = 3,
                 xavier_upsamplers: bool = True, **kwargs) -> nn.Module:
     """``torchvision.models.detection.FasterRCNN`` on ResNet-``depth`` + our FPN.
 
@@ -110,18 +116,19 @@ def faster_rcnn(depth: int = 50, num_classes: int = 91, upsampler: Any = "neares
     with optional_import("torchvision", "Faster R-CNN"):
         from torchvision.models.detection import FasterRCNN
 
+    pretrained = take_pretrained(pretrained, kwargs, "faster_rcnn")
     backbone = ResNetFPNBackbone(depth, upsampler=upsampler, trainable_layers=trainable_layers,
-                                 pretrained_backbone=pretrained_backbone, xavier_upsamplers=xavier_upsamplers)
+                                 pretrained=pretrained, xavier_upsamplers=xavier_upsamplers)
     return FasterRCNN(backbone, num_classes=num_classes, **kwargs)
 
 
 def faster_rcnn_r50(num_classes: int = 91, upsampler: Any = "nearest",
-                    pretrained_backbone: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+                    pretrained: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Faster R-CNN R50-FPN (41.5 M params with nearest and 81 classes)."""
-    return faster_rcnn(50, num_classes, upsampler, pretrained_backbone, **kwargs)
+    return faster_rcnn(50, num_classes, upsampler, pretrained, **kwargs)
 
 
 def faster_rcnn_r101(num_classes: int = 91, upsampler: Any = "nearest",
-                     pretrained_backbone: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+                     pretrained: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Faster R-CNN R101-FPN."""
-    return faster_rcnn(101, num_classes, upsampler, pretrained_backbone, **kwargs)
+    return faster_rcnn(101, num_classes, upsampler, pretrained, **kwargs)

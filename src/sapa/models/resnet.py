@@ -12,7 +12,8 @@ import re
 import torch
 from torch import nn
 
-from ._common import load_checked, read_state_dict, strip_prefix
+from ._common import load_checked, strip_prefix
+from ._weights import read_state_dict
 
 __all__ = ["ResNetEncoder", "load_resnet_weights"]
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import ConvModule, build_stage_upsamplers, load_checked, read_state_dict, strip_prefix
+from ._common import ConvModule, build_stage_upsamplers, load_checked, strip_prefix
+from ._weights import load_segformer_weights, read_state_dict
 
 __all__ = ["SegFormerHead", "SegFormer", "segformer", "segformer_b1", "mit_config", "MIT_VARIANTS",
            "load_mit_weights"]
@@ -195,13 +196,18 @@ class SegFormer(nn.Module):
 
 def segformer(variant: str = "b1", num_classes: int = 150, upsampler: Any = "bilinear",
               pretrained: str | os.PathLike | None = None, **config_overrides) -> SegFormer:
-    """SegFormer-``variant`` (b0 ... b5); ``pretrained``: local MiT encoder weights (see
-    :func:`load_mit_weights`); nothing is downloaded. ``config_overrides`` go to :func:`mit_config`."""
+    """SegFormer-``variant`` (b0 ... b5). ``config_overrides`` go to :func:`mit_config`.
+
+    ``pretrained``: a local folder (``save_pretrained`` output), a checkpoint file, a state dict, or a
+    hub id found in the local Hugging Face cache (never downloaded). Hugging Face / NVlabs SegFormer
+    checkpoints load the encoder and, when the classifier has ``num_classes`` outputs, the decode head;
+    MiT checkpoints (``nvidia/mit-b1``, ``mit_b1.pth``) load the encoder (see
+    ``sapa.models._weights.load_segformer_weights``)."""
     cfg = mit_config(variant, **config_overrides)
     model = SegFormer(cfg, num_classes=num_classes, upsampler=upsampler,
                       embed_dim=MIT_VARIANTS[variant]["embed_dim"])
     if pretrained is not None:
-        load_mit_weights(model.backbone, pretrained)
+        load_segformer_weights(model, pretrained)
     return model
 
 
