@@ -165,8 +165,8 @@ def _sapa_fwd_dot_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                          sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw,
                          sob, soc, soh, sow,
                          K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BU: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+                         DOT_F32: tl.constexpr, BLOCK_D: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                         BU: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tensor-core variant: a program owns a PH x PW tile of high-res pixels; the union of their
     windows is a band of low-res rows x columns, walked in chunks of BU columns. Per chunk the
     logits are one tl.dot ([PH*PW, d] x [d, BU]) and the value weighting another
@@ -211,7 +211,10 @@ def _sapa_fwd_dot_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
             col_in = (cols >= 0) & (cols < W) & row_in
             kt = tl.load(k_ptr + b * skb + offs_d[:, None] * skc + row * skh + cols[None, :] * skw,
                          mask=md[:, None] & col_in[None, :], other=0.0)              # [D, U]
-            a = tl.dot(qt, kt, out_dtype=ACC)                                          # [P, U]
+            if DOT_F32:  # triton 3.7's interpreter multiplies bf16 bit patterns as integers in tl.dot
+                a = tl.dot(qt.to(tl.float32), kt.to(tl.float32), out_dtype=ACC)
+            else:
+                a = tl.dot(qt, kt, out_dtype=ACC)                                      # [P, U]
             win = row_win[:, None] & (tl.abs(cols[None, :] - lj[:, None]) <= R) & (cols <= u_hi)[None, :]
             a = tl.where(win, a, float("-inf"))
             m_new = tl.maximum(m, tl.max(a, axis=1))
@@ -221,7 +224,11 @@ def _sapa_fwd_dot_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
             l = l * alpha + tl.sum(pexp, axis=1)
             vt = tl.load(v_ptr + b * svb + offs_c[None, :] * svc + row * svh + cols[:, None] * svw,
                          mask=col_in[:, None] & mc[None, :], other=0.0)              # [U, C]
-            acc = acc * alpha[:, None] + tl.dot(pexp.to(vt.dtype), vt, out_dtype=ACC)
+            pv = pexp.to(vt.dtype)  # the weights enter the dot in the value dtype, as in flash attention
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float32), vt.to(tl.float32), out_dtype=ACC)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pv, vt, out_dtype=ACC)
             m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     out = acc / l_safe[:, None]
@@ -518,6 +525,7 @@ def _launch_fwd(variant: str, q, k, v, out, lse, K: int, S: int):
     args = (q, k, v, out, lse, D, C, H, W, Hq, Wq, *q.stride(), *k.stride(), *v.stride(), *out.stride())
     meta = dict(K=K, S=S, ACC=_acc(v.dtype), IDX=_idx(q, k, v, out), BLOCK_D=_np2(D, hi=128))
     if variant == "dot":
+        meta["DOT_F32"] = INTERPRET and v.dtype == torch.bfloat16
         _sapa_fwd_dot_kernel[lambda m: (triton.cdiv(Hq, m["PH"]) * triton.cdiv(Wq, m["PW"]),
                                         triton.cdiv(C, m["BLOCK_C"]), B)](*args, **meta)
     else:
