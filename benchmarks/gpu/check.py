@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     bench = [py, "-m", "sapa", "bench", "--device", device, "--backends", "reference", "triton", "--floor"]
     if dry:
         _run("bench-authors", bench + ["--shapes", "tiny", "--dtype", "bfloat16", "--repeats", "1", "--ops", "sapa",
-                                       "sapa_deform", "--json", str(out / "bench-authors.jsonl")],
+                                       "--modes", "fwd+bwd", "--json", str(out / "bench-authors.jsonl")],
              out, limits["bench-authors"], env, status)
     else:
         _run("bench-authors", bench + ["--shapes", "authors", "--dtype", "bfloat16", "--json",
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
                                     "reassemble", "--json", str(out / "bench-fp32.jsonl")],
              out, limits["bench-fp32"], env, status)
     train = [py, str(ROOT / "benchmarks/gpu/train_check.py"), str(out / "train.jsonl")]
-    train += ["--dry-run", "--iters", "2", "--size", "32", "--batch", "1"] if dry else ["--iters", "200"]
+    train += ["--dry-run", "--iters", "1", "--size", "32", "--batch", "2"] if dry else ["--iters", "200"]
     _run("train", train, out, limits["train"], env, status)
     tiny = ["--set", "data.image_size=32", "--set", "data.train_samples=8", "--set", "data.val_samples=4",
             "--set", "data.batch_size=4", "--set", "model.widths=(8, 8, 16, 16)", "--set", "model.embed_dim=32",

@@ -46,13 +46,26 @@ def make_batch(it: int, batch: int, size: int, num_classes: int, device, seed: i
     return image.contiguous(), label
 
 
-def run_one(upsampler: str, backend: str | None, iters: int, size: int, batch: int, device,
-            amp_dtype=torch.bfloat16, num_classes: int = 150, seed: int = 0) -> dict:
-    import sapa
+def build_model(upsampler: str, num_classes: int, tiny: bool):
+    """MiT-B1 + SegFormer head; ``tiny`` (the dry run): the same head on sapa's tiny conv encoder at
+    embed 32 and K=3, because triton's CPU interpreter needs ~10 s per SAPA-B forward+backward even
+    at tiny sizes (its cost is per block operation, and the backward unrolls K^2 s^2 of them)."""
+    if tiny:
+        from sapa.engine.tiny import TinySegmenter
+
+        up = dict(type=upsampler, kernel_size=3) if upsampler.startswith("sapa") else upsampler
+        return TinySegmenter(num_classes, up, widths=(8, 8, 16, 16), embed_dim=32)
     from sapa.models import segformer_b1
 
+    return segformer_b1(num_classes=num_classes, upsampler=upsampler)
+
+
+def run_one(upsampler: str, backend: str | None, iters: int, size: int, batch: int, device,
+            amp_dtype=torch.bfloat16, num_classes: int = 150, seed: int = 0, tiny: bool = False) -> dict:
+    import sapa
+
     torch.manual_seed(seed)
-    model = segformer_b1(num_classes=num_classes, upsampler=upsampler).to(device)
+    model = build_model(upsampler, num_classes, tiny).to(device)
     head = [p for n, p in model.named_parameters() if n.startswith("decode_head")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("decode_head")]
     opt = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": 6e-4}], lr=6e-5, weight_decay=0.01)
@@ -113,7 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, triton under the interpreter")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, tiny sizes and host (sapa's tiny encoder), triton under the interpreter")
     args = ap.parse_args(argv)
     if args.dry_run:
         device = torch.device("cpu")
@@ -123,7 +137,8 @@ def main(argv=None) -> int:
             return 2
         device = torch.device("cuda")
     try:
-        import transformers  # noqa: F401  (MiT comes from transformers)
+        if not args.dry_run:
+            import transformers  # noqa: F401  (MiT comes from transformers)
     except ImportError as err:
         rec = {"type": "train-check", "skipped": f"transformers is not importable ({err}): no MiT-B1"}
         with open(args.out, "a") as f:
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     recs = []
     for up, backend in runs:
         t0 = time.perf_counter()
-        r = run_one(up, backend, args.iters, args.size, args.batch, device)
+        r = run_one(up, backend, args.iters, args.size, args.batch, device, tiny=args.dry_run)
         r.update(type="train-run", wall_s=round(time.perf_counter() - t0, 1))
         recs.append(r)
         print(f"{up:<9} {r['backend']:<10} step {r['step_ms_median']:.2f} ms  peak "

@@ -35,7 +35,7 @@ WINDOW_REAL = [
     ("s3-K3-odd", 1, 16, 72, 33, 21, 3, 3, 99, 61),
     ("s4-K7-ceil", 1, 16, 40, 17, 19, 4, 7, 67, 73),
 ]
-WINDOW_DRY = [("dry", 1, 16, 16, 3, 5, 2, 3, 6, 9)]
+WINDOW_DRY = [("dry", 1, 16, 16, 3, 4, 2, 3, 6, 7)]
 # (name, B, G, DG, CG, H, W, s, P, H', W')
 DEFORM_REAL = [("segformer", 2, 4, 32, 64, 32, 32, 2, 9, 64, 64), ("fpn-ceil", 1, 4, 32, 64, 25, 42, 2, 9, 50, 83)]
 DEFORM_DRY = [("dry", 1, 2, 4, 3, 3, 4, 2, 3, 6, 7)]
@@ -71,6 +71,8 @@ def check_sapa(case, dtype_name):
     for var in variants:
         out, lse = TW.sapa_fwd(q, k, v, K, s, variant=var)
         assert_close(out, ref.to(dt), rtol=_tol(dt), what=f"sapa fwd [{var}]")
+        if DRY and var != variants[-1]:
+            continue  # the interpreter is slow: one backward is enough to keep the script alive
         got = TW.sapa_bwd(g, q, k, v, out, lse, K, s)
         for name, a, e in zip("qkv", got, (dq, dk, dv)):
             assert_close(a, e.to(dt), rtol=_tol(dt), what=f"d{name} [{var}]")
@@ -130,7 +132,7 @@ def check_int64_sapa(_case, dtype_name):
     dt = DTYPES[dtype_name]
     B, D, C, H, W, s, K, R = 1, 16, 64, 2900, 2900, 2, 5, 2
     if DRY:
-        B, D, C, H, W = 1, 16, 16, 12, 12
+        B, D, C, H, W = 1, 16, 16, 11, 11
     q, k, v = _rand(B, D, s * H, s * W, dtype=dt), _rand(B, D, H, W, dtype=dt), _rand(B, C, H, W, dtype=dt)
     assert DRY or B * C * s * s * H * W >= 2 ** 31  # the output needs int64 offsets
     h0, w0 = H - 10, W - 10
@@ -138,7 +140,7 @@ def check_int64_sapa(_case, dtype_name):
     ref = RW.sapa(qc.double(), kc.double(), vc.double(), K, s)[..., s * R:, s * R:]
     TW.FORCE_INT64 = DRY  # small sizes: force the int64 kernels
     try:
-        for var in ["gather"] + (["dot"] if TW.dot_possible(q, v) else []):
+        for var in ["gather"] + (["dot"] if TW.dot_possible(q, v) and not DRY else []):
             out, lse = TW.sapa_fwd(q, k, v, K, s, variant=var)
             assert_close(out[..., s * (h0 + R):, s * (w0 + R):], ref.to(dt), rtol=_tol(dt),
                          what=f"int64 fwd [{var}]")
@@ -151,8 +153,9 @@ def check_int64_sapa(_case, dtype_name):
 
 CASES = []
 for c in (WINDOW_DRY if DRY else WINDOW_REAL):
-    for dn in (["fp32", "bf16"] if DRY else list(DTYPES)):
+    for dn in (["bf16"] if DRY else list(DTYPES)):  # dry run: every check function once, tiny
         CASES.append((f"sapa-{c[0]}-{dn}", check_sapa, c, dn))
+    for dn in (["fp32"] if DRY else list(DTYPES)):
         CASES.append((f"simreas-{c[0]}-{dn}", check_similarity_reassemble, c, dn))
 for c in (DEFORM_DRY if DRY else DEFORM_REAL):
     for dn in (["fp32"] if DRY else list(DTYPES)):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..window.triton import _PIX, _PIX_CHAN, _acc, _configs, _grid, _idx, _np2, _pixels
+from ..window.triton import _I_P, _I_PC, _PIX, _PIX_CHAN, _acc, _configs, _grid, _idx, _np2, _pixels
 from ..window.triton import _dot_window as _gdot  # the same d-long dot per pixel
 from ..window.triton import _stat_dtype as _acc_torch
 
@@ -74,7 +74,7 @@ def _logit(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, skh, skw, y0, x0, y1, x1, ly, 
     return a, a00, a01, a10, a11
 
 
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}), key=_KEY)
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=_KEY)
 @triton.jit
 def _sapa_deform_fwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, out_ptr, lse_ptr,
                             DG, CG, H, W, Hq, Wq, P, G,
@@ -130,7 +130,7 @@ def _sapa_deform_fwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, out_ptr, lse_ptr,
         tl.store(lse_ptr + (b * G + g) * Hq * Wq + offs_p, lse, mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}), key=["CG", "Hq", "Wq"])
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=["CG", "Hq", "Wq"])
 @triton.jit
 def _group_rowdot_kernel(a_ptr, b_ptr, out_ptr, CG, Hq, Wq, sab, sac, sah, saw, sbb, sbc, sbh, sbw,
                          ACC: tl.constexpr, IDX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -146,7 +146,7 @@ def _group_rowdot_kernel(a_ptr, b_ptr, out_ptr, CG, Hq, Wq, sab, sac, sah, saw, 
     tl.store(out_ptr + (b * G + g) * Hq * Wq + offs_p, acc, mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_PIX, {"BLOCK_P": 32}), key=_KEY, reset_to_zero=["dk_ptr", "dv_ptr"])
+@triton.autotune(configs=_configs(_PIX, _I_P), key=_KEY, reset_to_zero=["dk_ptr", "dv_ptr"])
 @triton.jit
 def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_ptr,
                             dq_ptr, dk_ptr, dv_ptr, doff_ptr,

@@ -40,7 +40,9 @@ FORCE_INT64 = False
 
 
 def _np2(n: int, lo: int = 16, hi: int = 128) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    """Power-of-two block for a loop over ``n`` channels; under the interpreter up to 256 (its cost
+    grows with the number of block operations, not with their size)."""
+    return max(lo, min(max(hi, 256) if INTERPRET else hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def _span(t: torch.Tensor) -> int:
@@ -63,6 +65,9 @@ def _configs(space, interp):
     return [triton.Config(dict(kw), num_warps=w) for kw, w in space]
 
 
+# interpreter configs: large blocks, because its cost grows with the number of programs, not their size
+_I_PC = {"BLOCK_P": 64, "BLOCK_C": 256}
+_I_P = {"BLOCK_P": 64}
 _PIX_CHAN = [({"BLOCK_P": 32, "BLOCK_C": 32}, 2), ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
              ({"BLOCK_P": 64, "BLOCK_C": 64}, 4), ({"BLOCK_P": 128, "BLOCK_C": 64}, 8)]
 _PIX = [({"BLOCK_P": 32}, 2), ({"BLOCK_P": 64}, 4), ({"BLOCK_P": 128}, 4)]
@@ -108,7 +113,7 @@ def _pixels(pid, BLOCK: tl.constexpr, N, IDX: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 # fused sapa: forward (two variants; _pick_variant measures which one runs)
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}), key=_KEY)
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=_KEY)
 @triton.jit
 def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                      D, C, H, W, Hq, Wq,
@@ -158,7 +163,7 @@ _DOT_SPACE = [({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 64}, 4), ({"PH": 2, "PW"
               ({"PH": 4, "PW": 16, "BU": 16, "BLOCK_C": 128}, 8), ({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 128}, 4)]
 
 
-@triton.autotune(configs=_configs(_DOT_SPACE, {"PH": 2, "PW": 8, "BU": 16, "BLOCK_C": 16}), key=_KEY)
+@triton.autotune(configs=_configs(_DOT_SPACE, {"PH": 2, "PW": 8, "BU": 16, "BLOCK_C": 256}), key=_KEY)
 @triton.jit
 def _sapa_fwd_dot_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                          D, C, H, W, Hq, Wq,
@@ -241,7 +246,7 @@ def _sapa_fwd_dot_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
 # ----------------------------------------------------------------------------------------------------
 # fused sapa: backward
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}), key=["C", "Hq", "Wq"])
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=["C", "Hq", "Wq"])
 @triton.jit
 def _rowdot_kernel(a_ptr, b_ptr, out_ptr, C, Hq, Wq, sab, sac, sah, saw, sbb, sbc, sbh, sbw,
                    ACC: tl.constexpr, IDX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -255,7 +260,7 @@ def _rowdot_kernel(a_ptr, b_ptr, out_ptr, C, Hq, Wq, sab, sac, sah, saw, sbb, sb
     tl.store(out_ptr + b * Hq * Wq + offs_p, acc, mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_PIX, {"BLOCK_P": 32}), key=_KEY)
+@triton.autotune(configs=_configs(_PIX, _I_P), key=_KEY)
 @triton.jit
 def _sapa_bwd_q_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
                        D, C, H, W, Hq, Wq,
@@ -293,7 +298,7 @@ _PIX_X = [({"BLOCK_P": 32, "BLOCK_X": 32}, 2), ({"BLOCK_P": 64, "BLOCK_X": 32}, 
           ({"BLOCK_P": 64, "BLOCK_X": 64}, 4), ({"BLOCK_P": 128, "BLOCK_X": 32}, 8)]
 
 
-@triton.autotune(configs=_configs(_PIX_X, {"BLOCK_P": 32, "BLOCK_X": 16}), key=_KEY + ["DO_K"])
+@triton.autotune(configs=_configs(_PIX_X, {"BLOCK_P": 64, "BLOCK_X": 256}), key=_KEY + ["DO_K"])
 @triton.jit
 def _sapa_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dx_ptr,
                         D, C, H, W, Hq, Wq,
@@ -354,7 +359,7 @@ def _sapa_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dx_ptr,
 # ----------------------------------------------------------------------------------------------------
 # window_similarity and reassemble (unfused ops; CARAFE-style reassembly with groups)
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_PIX, {"BLOCK_P": 32}), key=["D", "H", "W", "Hq", "Wq", "K", "S"])
+@triton.autotune(configs=_configs(_PIX, _I_P), key=["D", "H", "W", "Hq", "Wq", "K", "S"])
 @triton.jit
 def _similarity_fwd_kernel(q_ptr, k_ptr, out_ptr, D, H, W, Hq, Wq,
                            sqb, sqc, sqh, sqw, skb, skc, skh, skw,
@@ -371,7 +376,7 @@ def _similarity_fwd_kernel(q_ptr, k_ptr, out_ptr, D, H, W, Hq, Wq,
         tl.store(out_ptr + (b * K * K + n) * Hq * Wq + offs_p, a.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_PIX, {"BLOCK_P": 32}), key=["D", "H", "W", "Hq", "Wq", "K", "S"])
+@triton.autotune(configs=_configs(_PIX, _I_P), key=["D", "H", "W", "Hq", "Wq", "K", "S"])
 @triton.jit
 def _similarity_bwd_q_kernel(g_ptr, k_ptr, dq_ptr, D, H, W, Hq, Wq, skb, skc, skh, skw,
                              K: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
@@ -395,7 +400,7 @@ def _similarity_bwd_q_kernel(g_ptr, k_ptr, dq_ptr, D, H, W, Hq, Wq, skb, skc, sk
              acc.to(dq_ptr.dtype.element_ty), mask=md[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}),
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC),
                  key=["Cx", "H", "W", "Hq", "Wq", "CPG", "K", "S"])
 @triton.jit
 def _gather_lowres_kernel(m_ptr, x_ptr, out_ptr, Cx, H, W, Hq, Wq, CPG,
@@ -436,7 +441,7 @@ def _gather_lowres_kernel(m_ptr, x_ptr, out_ptr, Cx, H, W, Hq, Wq, CPG,
              acc.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mask_l[None, :])
 
 
-@triton.autotune(configs=_configs(_PIX_CHAN, {"BLOCK_P": 32, "BLOCK_C": 16}),
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC),
                  key=["C", "H", "W", "Hq", "Wq", "CPG", "K", "S"])
 @triton.jit
 def _reassemble_fwd_kernel(w_ptr, v_ptr, out_ptr, C, H, W, Hq, Wq, CPG,
@@ -465,7 +470,7 @@ def _reassemble_fwd_kernel(w_ptr, v_ptr, out_ptr, C, H, W, Hq, Wq, CPG,
              acc.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs(_PIX, {"BLOCK_P": 32}), key=["C", "H", "W", "Hq", "Wq", "CPG", "K", "S"])
+@triton.autotune(configs=_configs(_PIX, _I_P), key=["C", "H", "W", "Hq", "Wq", "CPG", "K", "S"])
 @triton.jit
 def _reassemble_bwd_w_kernel(g_ptr, v_ptr, dw_ptr, C, H, W, Hq, Wq, CPG,
                              sgb, sgc, sgh, sgw, svb, svc, svh, svw,
