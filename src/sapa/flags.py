@@ -7,6 +7,8 @@ SAPA_CPU_CACHE_MB MiB of freed memory the cpu kernels keep for reuse (default 51
                   ``sapa.ops.window.op._HostCache``.
 SAPA_TRACEBACK_AFTER  seconds after which the CLI dumps every thread's stack (faulthandler; for hangs).
 TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
+SAPA_TRITON_AUTOTUNE  "0": every triton kernel runs its first config instead of autotuning (the
+                  device check's kernel tests: each autotune config costs a compile).
 SAPA_DDP_ALWAYS   "1": under torchrun, join a process group and wrap in DDP even with one process
                   (checks the nccl / DDP / SyncBatchNorm path on a single GPU).
 """
@@ -43,6 +45,10 @@ def cpu_cache_bytes() -> int:
 
 def triton_interpret() -> bool:
     return _env("TRITON_INTERPRET", "0") not in ("0", "false", "False")
+
+
+def triton_autotune() -> bool:
+    return _env("SAPA_TRITON_AUTOTUNE", "1") not in ("0", "false", "False")
 
 
 def ddp_always() -> bool:

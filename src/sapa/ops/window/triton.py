@@ -58,10 +58,18 @@ def _idx(*tensors: torch.Tensor):
     return tl.int64 if big else tl.int32
 
 
+#: SAPA_TRITON_AUTOTUNE=0: the first config of each space, no tuning (read at import, like INTERPRET)
+AUTOTUNE = flags.triton_autotune()
+
+
 def _configs(space, interp):
-    """Autotune configs: ``space`` = [(kwargs, num_warps)]; one config (``interp``) under the interpreter."""
+    """Autotune configs: ``space`` = [(kwargs, num_warps)]; one config (``interp``) under the
+    interpreter, the first of ``space`` with SAPA_TRITON_AUTOTUNE=0. Every config compiles once
+    per dtype and constexpr set (~1-2 s each on a GPU), so the spaces are kept to 3-4 entries."""
     if INTERPRET:
         return [triton.Config(dict(interp), num_warps=1)]
+    if not AUTOTUNE:
+        space = space[:1]
     return [triton.Config(dict(kw), num_warps=w) for kw, w in space]
 
 
