@@ -236,3 +236,86 @@ def test_triton_custom_ops_pass_opcheck(name):
         "sapa_deform_fwd_triton": (q, k, v, _rand(1, 12, 7, 8), 3, 2, 2),
     }[name]
     torch.library.opcheck(getattr(torch.ops.sapa, name).default, args)
+
+
+# ---- half precision (both fused-forward variants), int64 indices, autotune configs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_sapa_fused_half_precision_both_variants(dtype):
+    """fp16 / bf16 in, float32 accumulation, input dtype out; the tensor-core (tl.dot) forward and the
+    gather forward against the float64 reference of the same rounded inputs; then the backward."""
+    TW = _tw()
+    B, D, C, H, W, s, K, Hq, Wq = 1, 16, 16, 3, 5, 2, 3, 6, 9  # tl.dot needs 16-wide operands
+    q, k, v = _rand(B, D, Hq, Wq, dtype=dtype), _rand(B, D, H, W, dtype=dtype), _rand(B, C, H, W, dtype=dtype)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = RW.sapa(qd, kd, vd, K, s)
+    assert TW.dot_possible(q, v) and not TW.dot_possible(q.float(), v.float())
+    for variant in ("gather", "dot"):
+        out, lse = TW.sapa_fwd(q, k, v, K, s, variant=variant)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert_close(out, ref.detach().to(dtype), what=f"fwd [{variant}]")
+        assert_close(lse, torch.logsumexp(RW.window_similarity(qd, kd, K, s), 1).detach().float(),
+                     rtol=1e-4, what=f"lse [{variant}]")
+    g = _rand(*ref.shape, dtype=dtype)
+    expected = torch.autograd.grad(ref, (qd, kd, vd), g.double())
+    for name, a, e in zip("qkv", TW.sapa_bwd(g, q, k, v, out, lse, K, s), expected):
+        assert a.dtype == dtype
+        assert_close(a, e.to(dtype), what=f"d{name}")
+
+
+def test_dot_variant_refuses_what_it_cannot_run():
+    TW = _tw()
+    q, k, v = _rand(1, 16, 6, 6, dtype=torch.float32), _rand(1, 16, 3, 3, dtype=torch.float32), \
+        _rand(1, 16, 3, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="variant 'dot' needs fp16/bf16"):
+        TW.sapa_fwd(q, k, v, 3, 2, variant="dot")
+
+
+def test_int64_index_choice():
+    TW = _tw()
+    meta = dict(device="meta")
+    assert TW._idx(torch.empty(2 ** 30, **meta)) is triton.language.int32
+    assert TW._idx(torch.empty(2 ** 31, **meta)) is triton.language.int64
+    # a small view whose strides reach past 2**31 elements
+    assert TW._idx(torch.empty_strided((2, 2), (2 ** 31, 1), **meta)) is triton.language.int64
+    assert TW._idx(torch.empty(3, **meta), None) is triton.language.int32
+
+
+def test_int64_kernels_give_the_int32_results(monkeypatch):
+    """Every launcher with int64 offsets forced equals its int32 run bit for bit (the index type only
+    changes address arithmetic)."""
+    TW, TD = _tw(), _td()
+    f32 = torch.float32
+    q, k, v = _rand(1, 16, 7, 9, dtype=f32), _rand(1, 16, 4, 5, dtype=f32), _rand(1, 16, 4, 5, dtype=f32)
+    qh, kh, vh = (t.to(torch.bfloat16) for t in (q, k, v))
+    w = torch.softmax(_rand(1, 2, 9, 7, 9, dtype=f32), 2).view(1, 18, 7, 9)
+    off = _rand(1, 2 * 2 * 3, 7, 9, dtype=f32) * 2
+    g = _rand(1, 16, 7, 9, dtype=f32)
+
+    def run_all():
+        out, lse = TW.sapa_fwd(q, k, v, 3, 2, variant="gather")
+        res = [out, lse, *TW.sapa_bwd(g, q, k, v, out, lse, 3, 2)]
+        res += list(TW.sapa_fwd(qh, kh, vh, 3, 2, variant="dot"))
+        res += [TW.similarity_fwd(q, k, 3, 2), *TW.similarity_bwd(_rand(1, 9, 7, 9, dtype=f32), q, k, 3, 2)]
+        res += [TW.reassemble_fwd(w, v, 3, 2, 2), *TW.reassemble_bwd(g, w, v, 3, 2, 2)]
+        o, ls = TD.sapa_deform_fwd(q, k, v, off, 3, 2, 2)
+        res += [o, ls, *TD.sapa_deform_bwd(g, q, k, v, off, o, ls, 3, 2, 2)]
+        return res
+
+    torch.manual_seed(1)
+    base = run_all()
+    monkeypatch.setattr(TW, "FORCE_INT64", True)
+    torch.manual_seed(1)
+    wide = run_all()
+    for i, (a, b) in enumerate(zip(base, wide)):
+        assert torch.equal(a, b), f"result {i} differs with int64 indices"
+
+
+def test_autotune_space_outside_the_interpreter(monkeypatch):
+    TW = _tw()
+    assert len(TW._configs(TW._PIX_CHAN, TW._I_PC)) == 1  # interpreter: one config, no timing
+    monkeypatch.setattr(TW, "INTERPRET", False)
+    cfgs = TW._configs(TW._PIX_CHAN, {"BLOCK_P": 32})
+    assert [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.num_warps) for c in cfgs] == \
+        [(32, 32, 2), (64, 32, 4), (64, 64, 4), (128, 64, 8)]

@@ -11,6 +11,10 @@ SAPA_CPU_CACHE_MB MiB of freed memory the cpu kernels keep for reuse (default 51
 SAPA_TRACEBACK_AFTER  seconds after which the CLI dumps every thread's stack (faulthandler; for hangs).
 SAPA_TRACEBACK    "1": the CLI prints the traceback of an expected failure too (bugs always show it).
 TRITON_INTERPRET  "1" lets the triton backend run on CPU tensors (slow; how CI checks kernels).
+SAPA_TRITON_AUTOTUNE  "0": every triton kernel runs its first config instead of autotuning (the
+                  device check's kernel tests: each autotune config costs a compile).
+SAPA_DDP_ALWAYS   "1": under torchrun, join a process group and wrap in DDP even with one process
+                  (checks the nccl / DDP / SyncBatchNorm path on a single GPU).
 """
 from __future__ import annotations
 
@@ -63,6 +67,14 @@ def show_traceback() -> bool:
 
 def triton_interpret() -> bool:
     return _env("TRITON_INTERPRET", "0") not in ("0", "false", "False")
+
+
+def triton_autotune() -> bool:
+    return _env("SAPA_TRITON_AUTOTUNE", "1") not in ("0", "false", "False")
+
+
+def ddp_always() -> bool:
+    return _env("SAPA_DDP_ALWAYS", "0") not in ("0", "false", "False")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -120,7 +120,7 @@ def test_cli_writes_json_lines(tmp_path, capsys):
     assert len(recs) == 4 and {r["backend"] for r in recs} == {"reference", "cpu"}
     assert all("peak_mem_bytes" not in r for r in recs)
     out = capsys.readouterr().out
-    assert "reassemble" in out and "x ref" in out and "torch.mm" in out
+    assert "reassemble" in out and "x ref" in out and "matmul" in out and "copy" in out
 
 
 def test_cli_rejects_unknown_choices():
@@ -135,3 +135,92 @@ def test_quick_keeps_explicit_repeats():
     assert [r["repeats"] for r in recs] == [4]
     recs = run_bench(ops=["sapa"], shapes=["tiny"], modes=["fwd"], backends=["cpu"], quick=True, memory=False)
     assert [r["repeats"] for r in recs] == [3]
+
+
+# ---- the CUDA path's record building, on CPU: a probe with an injected clock
+
+
+class _FakeProbe:
+    """Stands in for CudaProbe: CPU tensors, a scripted clock (ms per op), fixed bandwidth and memory."""
+
+    device = torch.device("cpu")
+    timing = "fake-clock"
+    mem_method = "fake"
+
+    def __init__(self, ms: dict):
+        self.ms, self.calls = ms, []
+
+    def time(self, run, repeats):
+        run()  # the case must really run
+        self.calls.append(run)
+        t = self.ms[len(self.calls) - 1] / 1e3
+        return t, 0.9 * t, 1.1 * t, repeats
+
+    def peak_bytes(self, run):
+        run()
+        return 1 << 20
+
+    def copy_bandwidth(self):
+        return 100e9  # 100 GB/s
+
+    def matmul_gflops(self):
+        return 1.0
+
+    def info(self):
+        return {"device": "cuda", "machine": {"cpu": "x", "cores": 1, "threads": 1},
+                "gpu": {"name": "Fake H200", "driver": "999.1", "cuda": "13.0"}}
+
+
+def test_bytes_moved_by_hand():
+    from sapa.bench.traffic import bytes_moved
+
+    q, k, v, out = (1, 32, 240, 240), (1, 32, 120, 120), (1, 256, 120, 120), (1, 256, 240, 240)
+    fwd = bytes_moved([q, k, v], out, "fwd", 2)
+    assert fwd == 2 * (32 * 240 * 240 + 32 * 120 * 120 + 256 * 120 * 120 + 256 * 240 * 240) == 41_472_000
+    # backward: grad_out read, q k v read again, dq dk dv written
+    ins = 32 * 240 * 240 + 32 * 120 * 120 + 256 * 120 * 120
+    assert bytes_moved([q, k, v], out, "fwd+bwd", 2) == fwd + 2 * (256 * 240 * 240 + 2 * ins)
+    assert bytes_moved([q, k], out, "fwd+bwd", 4, differentiable=[True, False]) == \
+        4 * (2 * (32 * 240 * 240 + 32 * 120 * 120) + 2 * 256 * 240 * 240 + 32 * 240 * 240)
+    with pytest.raises(ValueError, match="mode"):
+        bytes_moved([q], out, "bwd", 2)
+
+
+def test_cuda_records_from_an_injected_clock():
+    # case order: sapa/reference fwd, sapa/triton fwd (skipped: no GPU, interpreter off), floor fwd
+    probe = _FakeProbe({0: 8.0, 1: 2.0})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        recs = run_bench(ops=["sapa"], backends=["reference", "triton"], shapes=["authors"], modes=["fwd"],
+                         memory=True, probe=probe, floor=True, dtype=torch.bfloat16)
+    by = {(r["op"], r["backend"]): r for r in recs}
+    assert set(by) == {("sapa", "reference"), ("sapa", "triton"), ("bilinear", "torch")}
+    assert "skipped" in by[("sapa", "triton")]
+    ref, fl = by[("sapa", "reference")], by[("bilinear", "torch")]
+    for r in (ref, fl):
+        assert r["gpu"]["name"] == "Fake H200" and r["gpu"]["driver"] == "999.1" and r["timing"] == "fake-clock"
+        assert r["copy_gbs"] == 100.0 and r["peak_mem_bytes"] == 1 << 20 and r["mem_method"] == "fake"
+        assert r["dtype"] == "bfloat16" and "triton" in r and "git_commit" in r
+    assert ref["median_ms"] == 8.0 and fl["median_ms"] == 2.0
+    assert ref["bytes_moved"] == 41_472_000  # q, k, v in, out written, bf16
+    assert fl["bytes_moved"] == 2 * (256 * 120 * 120 + 256 * 240 * 240)  # v in, out written
+    assert ref["achieved_gbs"] == pytest.approx(41.472e6 / 8e-3 / 1e9, rel=1e-3)
+    assert ref["frac_copy_bw"] == pytest.approx(41.472e6 / 8e-3 / 100e9, rel=1e-3)
+    assert ref["vs_bilinear"] == pytest.approx(4.0) and fl["vs_bilinear"] == pytest.approx(1.0)
+    assert ref["speedup_vs_reference"] == 1.0
+    assert fl["gflops"] == pytest.approx(2 * 4 * 256 * 240 * 240 / 2e-3 / 1e9, rel=1e-3)
+    assert "/bilin" in summary_table(recs)
+
+
+def test_device_cuda_without_a_gpu_is_one_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    from sapa.bench.device import CudaProbe, make_probe
+
+    with pytest.raises(ValueError, match="torch.cuda.is_available"):
+        CudaProbe()
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        make_probe("tpu")
+    assert main(["bench", "--device", "cuda", "--shapes", "authors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "Traceback" not in err[0]

@@ -2,7 +2,13 @@
 in one process, one JSON-serialisable record per case.
 
 Timing: each case runs once untimed (warm-up: numba compilation or cache load, allocator), then
-``repeats`` timed calls (``time.perf_counter``); the record keeps median / min / max in ms.
+``repeats`` timed calls (``time.perf_counter``); the record keeps median / min / max in ms. On
+CUDA (``device="cuda"``) timing, peak memory and the copy bandwidth come from
+:class:`sapa.bench.device.CudaProbe` (``triton.testing.do_bench``, ``torch.cuda.max_memory_allocated``);
+every record says which method it used (``timing``, ``mem_method``) and carries the GPU's name,
+driver and CUDA version (``gpu``). Each record states the bytes the op must move
+(:mod:`sapa.bench.traffic`) and the fraction of the measured copy bandwidth that achieves; with
+``floor`` the bilinear interpolation to the same output is timed too (``vs_bilinear``).
 ``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` runs the op on inputs that require grad and
 ``out.backward(grad)`` with a fixed random ``grad`` (gradients are cleared outside the timed region).
 
@@ -49,6 +55,7 @@ from .. import functional
 from ..backends import CAN_RUN
 from ..complexity import op_macs
 from .shapes import OPS, OP_SETTINGS, Placement, make_inputs, shape_set
+from .traffic import bytes_moved
 
 MODES = ("fwd", "fwd+bwd")
 SCHEMA = 1
@@ -174,36 +181,56 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------- one case
+FLOOR_OP = "bilinear"  # the floor: F.interpolate(v, size=out_hw, mode="bilinear"), the same output shape
+FLOOR_BACKEND = "torch"
+
+
 def _call(op: str, args: tuple, kwargs: dict, backend: str):
+    if op == FLOOR_OP:
+        return torch.nn.functional.interpolate(args[0], size=kwargs["size"], mode="bilinear", align_corners=False)
     return getattr(functional, op)(*args, backend=backend, **kwargs)
 
 
+def _inputs(op: str, pl: Placement, dtype: torch.dtype, seed: int, device) -> tuple[tuple, dict]:
+    if op == FLOOR_OP:  # the value tensor of the window ops, upsampled to the same output size
+        args, _ = make_inputs("reassemble", pl, dtype, seed)
+        args, kwargs = (args[1],), {"size": tuple(pl.out_hw)}
+    else:
+        args, kwargs = make_inputs(op, pl, dtype, seed)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), kwargs
+
+
 def _make_runner(op: str, pl: Placement, backend: str, mode: str, dtype: torch.dtype,
-                 seed: int) -> Callable[[], None]:
-    args, kwargs = make_inputs(op, pl, dtype, seed)
+                 seed: int, device="cpu") -> tuple[Callable[[], None], int]:
+    """(run, bytes moved): ``run()`` makes one call of the case; bytes as :mod:`sapa.bench.traffic`."""
+    args, kwargs = _inputs(op, pl, dtype, seed, device)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    with torch.no_grad():
+        out_shape = tuple(_call(op, args, kwargs, backend).shape)
+    moved = bytes_moved([t.shape for t in tensors], out_shape, mode, tensors[0].element_size())
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 _call(op, args, kwargs, backend)
-        return run
+        return run, moved
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
-    with torch.no_grad():
-        out = _call(op, args, kwargs, backend)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
-    del out
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
 
     def run():
         for a in args:
             if isinstance(a, torch.Tensor):
                 a.grad = None
         _call(op, args, kwargs, backend).backward(grad)
-    return run
+    return run, moved
 
 
 def _flop(op: str, pl: Placement, mode: str) -> float:
-    args, kwargs = make_inputs(op, Placement(pl.batch, pl.channels, pl.in_hw, pl.out_hw, pl.scale),
-                               torch.float32)
-    macs = op_macs(op, *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    if op == FLOOR_OP:  # 4 MACs per output element (bilinear sampling), as op_macs counts sampling
+        macs = 4 * pl.batch * pl.channels * pl.out_hw[0] * pl.out_hw[1]
+    else:
+        args, kwargs = make_inputs(op, Placement(pl.batch, pl.channels, pl.in_hw, pl.out_hw, pl.scale),
+                                   torch.float32)
+        macs = op_macs(op, *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
     return 2.0 * macs * (3 if mode == "fwd+bwd" else 1)
 
 
@@ -222,19 +249,30 @@ def time_case(run: Callable[[], None], repeats: int, warmup: int = 1) -> list[fl
 def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("reference", "cpu"),
               shapes: Iterable[str] = ("segformer-b1",), modes: Iterable[str] = MODES, repeats: int | None = None,
               quick: bool = False, dtype: torch.dtype = torch.float32, memory: bool = True, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> list[dict]:
+              progress: Callable[[str], None] | None = None, device: str = "cpu", floor: bool | None = None,
+              probe=None) -> list[dict]:
     """Run the benchmark grid and return one record (dict) per op x backend x placement x mode.
 
     Args:
         ops: names of :mod:`sapa.functional` ops (default: all six).
-        backends: backends to time; a backend that cannot run on CPU tensors is skipped with a
-            record ``{"skipped": reason}``. Put "reference" in to get speed-up ratios.
+        backends: backends to time; a backend that cannot run on the device's tensors is skipped
+            with a record ``{"skipped": reason}``. Put "reference" in to get speed-up ratios.
         shapes: names of shape sets (:data:`sapa.bench.shapes.SHAPE_SETS`).
         modes: "fwd" and/or "fwd+bwd".
-        repeats: timed calls per case (after one warm-up call); default 5, or 3 with ``quick``.
+        repeats: timed calls per case (after one warm-up call); default 5, or 3 with ``quick``
+            (CPU; on CUDA ``triton.testing.do_bench`` repeats for ~100 ms).
         quick: only the largest placement of each shape set (and 3 repeats unless given).
         memory: also measure peak memory (one extra call per case).
         progress: called with a short description before each case (e.g. a progress bar's update).
+        device: "cpu" or "cuda" (ValueError with the reason when no CUDA device is visible).
+        floor: also time ``F.interpolate(mode="bilinear")`` to the same output (op "bilinear",
+            backend "torch") and give every record ``vs_bilinear`` (its time / the floor's);
+            default: on CUDA only.
+        probe: the timing / memory probe (default :func:`sapa.bench.device.make_probe`); tests inject one.
+
+    Every timed record also has ``bytes_moved`` (:mod:`sapa.bench.traffic`), ``achieved_gbs``
+    (bytes / median time) and ``frac_copy_bw`` (that over the device-to-device copy bandwidth
+    ``copy_gbs`` measured at the start of the same run).
 
     Example:
         >>> recs = run_bench(ops=["sapa"], shapes=["tiny"], modes=["fwd"], repeats=1, memory=False)
@@ -260,48 +298,58 @@ def run_bench(ops: Iterable[str] | None = None, backends: Iterable[str] = ("refe
     for name in shapes:
         pls = shape_set(name)
         placements += [(name, pl) for pl in (pls[-1:] if quick else pls)]
+    if probe is None:
+        from .device import make_probe
+        probe = make_probe(device)
+    dev = probe.device
+    if floor is None:
+        floor = dev.type == "cuda"
 
-    common = {"schema": SCHEMA, "machine": machine_info(), **versions(), "git_commit": git_commit(),
+    copy_bw = probe.copy_bandwidth()
+    common = {"schema": SCHEMA, **probe.info(), **versions(), "git_commit": git_commit(),
               "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "dtype": str(dtype).replace("torch.", ""), "matmul_gflops": round(matmul_gflops(), 1),
+              "dtype": str(dtype).replace("torch.", ""), "matmul_gflops": round(probe.matmul_gflops(), 1),
+              "copy_gbs": round(copy_bw / 1e9, 1) if copy_bw else None, "timing": probe.timing,
               "settings": dict(OP_SETTINGS)}
+    cases = [(op, b) for op in ops for b in backends]
+    if floor:
+        cases.append((FLOOR_OP, FLOOR_BACKEND))
     records: list[dict] = []
     runners: dict[int, Callable[[], None]] = {}
-    for op in ops:
+    for op, backend in cases:
         for set_name, pl in placements:
             for mode in modes:
-                flop = _flop(op, pl, mode)
-                for backend in backends:
-                    rec = {**common, "op": op, "backend": backend, "mode": mode, "shape_set": set_name,
-                           "shape": pl.name, "batch": pl.batch, "channels": pl.channels,
-                           "in_hw": list(pl.in_hw), "out_hw": list(pl.out_hw), "scale": pl.scale,
-                           "repeats": repeats, "gflop": flop / 1e9}
-                    probe = make_inputs(op, Placement(1, 8, (2, 2), (4, 4)), dtype)[0]
+                rec = {**common, "op": op, "backend": backend, "mode": mode, "shape_set": set_name,
+                       "shape": pl.name, "batch": pl.batch, "channels": pl.channels,
+                       "in_hw": list(pl.in_hw), "out_hw": list(pl.out_hw), "scale": pl.scale,
+                       "repeats": repeats, "gflop": _flop(op, pl, mode) / 1e9}
+                if op != FLOOR_OP:
+                    tiny = make_inputs(op, Placement(1, 8, (2, 2), (4, 4)), dtype)[0]
                     try:
-                        CAN_RUN[backend](op, *probe, raise_error=True)
+                        CAN_RUN[backend](op, *[t.to(dev) for t in tiny], raise_error=True)
                     except RuntimeError as why:
                         records.append({**rec, "skipped": str(why)})
                         continue
-                    if progress is not None:
-                        progress(f"{op} {backend} {set_name} {pl.name} {mode}")
-                    run = _make_runner(op, pl, backend, mode, dtype, seed)
-                    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy
-                        rec["loadavg_1m"] = round(os.getloadavg()[0], 2)
-                    times = time_case(run, repeats)
-                    med = statistics.median(times)
-                    rec.update(median_ms=round(med * 1e3, 3), min_ms=round(min(times) * 1e3, 3),
-                               max_ms=round(max(times) * 1e3, 3), gflops=round(flop / med / 1e9, 2))
-                    records.append(rec)
-                    runners[len(records) - 1] = run
+                if progress is not None:
+                    progress(f"{op} {backend} {set_name} {pl.name} {mode}")
+                run, moved = _make_runner(op, pl, backend, mode, dtype, seed, dev)
+                if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy
+                    rec["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                med, lo, hi, _n = probe.time(run, repeats)
+                rec.update(median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4), max_ms=round(hi * 1e3, 4),
+                           gflops=round(rec["gflop"] / med, 2), bytes_moved=moved,
+                           achieved_gbs=round(moved / med / 1e9, 2))
+                if copy_bw:
+                    rec["frac_copy_bw"] = round(moved / med / copy_bw, 4)
+                records.append(rec)
+                runners[len(records) - 1] = run
     if memory:
         for idx, run in runners.items():
             if progress is not None:
                 r = records[idx]
                 progress(f"memory {r['op']} {r['backend']} {r['shape_set']} {r['shape']} {r['mode']}")
-            with PeakMemory() as pm:
-                run()
-            records[idx]["peak_mem_bytes"] = pm.peak_bytes
-            records[idx]["mem_method"] = "rss-hwm" if pm.available else "unavailable"
+            records[idx]["peak_mem_bytes"] = probe.peak_bytes(run)
+            records[idx]["mem_method"] = probe.mem_method
     runners.clear()
     _add_ratios(records)
     return records
@@ -314,15 +362,21 @@ def _add_ratios(records: list[dict]) -> None:
         base = ref.get((r["op"], r["shape_set"], r["shape"], r["mode"]))
         if base is None or "median_ms" not in r:
             continue
-        r["speedup_vs_reference"] = round(base["median_ms"] / r["median_ms"], 2)
+        r["speedup_vs_reference"] = round(base["median_ms"] / r["median_ms"], 4)
         if r.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
             r["mem_ratio_vs_reference"] = round(r["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
+    floor = {(r["shape_set"], r["shape"], r["mode"]): r for r in records
+             if r["op"] == FLOOR_OP and "median_ms" in r}
+    for r in records:
+        base = floor.get((r["shape_set"], r["shape"], r["mode"]))
+        if base is not None and "median_ms" in r:
+            r["vs_bilinear"] = round(r["median_ms"] / base["median_ms"], 3)
 
 
 def summary_table(records: list[dict]) -> str:
     """A plain-text table of the records (one line per case)."""
     head = (f"{'op':<18}{'backend':<10}{'shape':<18}{'mode':<8}{'median ms':>11}{'min':>9}{'max':>9}"
-            f"{'x ref':>8}{'peak MB':>9}{'GFLOP/s':>9}")
+            f"{'x ref':>8}{'peak MB':>9}{'GFLOP/s':>9}{'/bilin':>8}{'%copy':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         if "skipped" in r:
@@ -331,8 +385,9 @@ def summary_table(records: list[dict]) -> str:
             continue
         mem = r.get("peak_mem_bytes")
         lines.append(
-            f"{r['op']:<18}{r['backend']:<10}{r['shape']:<18}{r['mode']:<8}{r['median_ms']:>11.2f}"
-            f"{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}"
+            f"{r['op']:<18}{r['backend']:<10}{r['shape']:<18}{r['mode']:<8}{r['median_ms']:>11.4f}"
+            f"{r['min_ms']:>9.4f}{r['max_ms']:>9.4f}"
             f"{(str(r['speedup_vs_reference']) + 'x') if 'speedup_vs_reference' in r else '-':>8}"
-            f"{(mem / 2 ** 20 if mem is not None else float('nan')):>9.1f}{r['gflops']:>9.1f}")
+            f"{(mem / 2 ** 20 if mem is not None else float('nan')):>9.1f}{r['gflops']:>9.1f}"
+            f"{r.get('vs_bilinear', float('nan')):>8.2f}{100 * r.get('frac_copy_bw', float('nan')):>7.1f}")
     return "\n".join(lines)

@@ -116,7 +116,9 @@ class TrainConfig:
     """iterations between checkpoints (0: none)"""
     log_interval: int = 50
     amp: bool = False
-    """bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA"""
+    """bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA (see amp_dtype)"""
+    amp_dtype: str = "auto"
+    """auto | float16 (with a GradScaler) | bfloat16 (no scaler); see sapa.engine.precision"""
     seed: int = 0
     deterministic: bool = False
     best_metric: str = "miou"
@@ -403,6 +405,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config optim.name must be adamw or sgd, got {cfg.optim.name!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"config train.device must be auto, cpu or cuda, got {t.device!r}")
+    from .precision import check_amp_dtype
+    check_amp_dtype(t.amp_dtype)
 
 
 def format_config(cfg: Config) -> str:

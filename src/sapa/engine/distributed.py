@@ -1,4 +1,8 @@
-"""Process-group set-up under ``torchrun`` (gloo on CPU, nccl on CUDA) and rank helpers."""
+"""Process-group set-up under ``torchrun`` (gloo on CPU, nccl on CUDA) and rank helpers.
+
+With ``SAPA_DDP_ALWAYS=1`` a single torchrun process still joins a process group (nccl on CUDA) and
+the trainer wraps the model in DDP (and converts BatchNorm with ``model.sync_bn``): the one-GPU check
+of the multi-GPU code path (``benchmarks/gpu/check.sh``)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +19,8 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    group: bool = False
+    """a process group is joined (always when world_size > 1; with SAPA_DDP_ALWAYS=1 also for one process)"""
 
     @property
     def is_main(self) -> bool:
@@ -22,7 +28,14 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.group
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend ("nccl", "gloo") or None without a group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_backend()
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -40,14 +53,25 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world <= 1:
+    from .. import flags
+
+    always = flags.ddp_always()
+    if world <= 1 and not always:
         return DistInfo(0, 1, 0, dev, False)
+    if always and world <= 1 and "MASTER_ADDR" not in os.environ:
+        raise ValueError("SAPA_DDP_ALWAYS=1 needs torchrun's environment (MASTER_ADDR, MASTER_PORT): run "
+                         "`torchrun --nproc_per_node 1 -m sapa train ...`, or unset SAPA_DDP_ALWAYS")
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, False)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, False, True)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, dev, True)
+    dist.init_process_group(backend=process_group_backend(dev), rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, dev, True, True)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def cleanup(info: DistInfo, ok: bool = True, timeout: float = 60.0) -> None:

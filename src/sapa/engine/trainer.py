@@ -41,7 +41,8 @@ from .builders import build_dataset, build_model, build_optimizer, dataset_num_c
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint, nonfinite_entries, save_checkpoint
 from .config import Config, metric_names, validate
 from .distributed import DistInfo, init_distributed
-from .evaluate import autocast_context, evaluate_detection, evaluate_segmentation
+from .evaluate import evaluate_detection, evaluate_segmentation
+from .precision import convert_sync_bn, pin_memory, resolve_precision
 from .rundir import RunFolderLock, clean_stale_temp
 from .runlog import RunLog, plot_curves
 from .schedule import IterLRSchedule
@@ -168,11 +169,7 @@ class Trainer:
         seed_everything(t.seed)  # same initial weights on every rank
         self.num_classes = dataset_num_classes(cfg) if train_set is None else train_set.num_classes
         self.model = (model if model is not None else build_model(cfg, self.num_classes)).to(self.device)
-        if cfg.model.sync_bn and self.info.distributed:
-            if self.device.type == "cuda":
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            else:
-                self.say("note: model.sync_bn ignored on CPU (PyTorch's SyncBatchNorm is GPU-only)")
+        self.model = convert_sync_bn(self.model, cfg.model.sync_bn, self.info, self.say)
         self.train_set = train_set if train_set is not None else build_dataset(cfg, "train")
         self.val_set = val_set if val_set is not None else build_dataset(cfg, "val")
         self._check_eval_setup()
@@ -193,8 +190,9 @@ class Trainer:
         self.schedule = IterLRSchedule(self.optimizer, self.max_iters, cfg.schedule.policy, cfg.schedule.power,
                                        cfg.schedule.min_lr, milestones, cfg.schedule.gamma,
                                        cfg.schedule.warmup_iters, cfg.schedule.warmup_ratio)
-        self.use_scaler = t.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.precision = resolve_precision(self.device, t.amp, t.amp_dtype)
+        self.use_scaler = self.precision.use_scaler
+        self.scaler = self.precision.scaler()
         self.ddp = _SegTrainModule(self.model) if cfg.task == "segmentation" else self.model
         if self.info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -304,7 +302,7 @@ class Trainer:
             from ..data.coco import detection_collate as collate
         loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler, drop_last=True,
                             num_workers=self.cfg.data.num_workers, collate_fn=collate, generator=g,
-                            pin_memory=self.device.type == "cuda",
+                            pin_memory=pin_memory(self.device),
                             persistent_workers=self.cfg.data.num_workers > 0)
         epoch, k = divmod(self.iteration, self.iters_per_epoch)
         while True:
@@ -314,7 +312,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch):
-        with autocast_context(self.device, self.cfg.train.amp):
+        with self.precision.autocast():
             if self.cfg.task == "segmentation":
                 images = batch["image"].to(self.device, non_blocking=True)
                 labels = batch["label"].to(self.device, non_blocking=True)

@@ -17,6 +17,10 @@ dq is accumulated per program (it owns its pixels); dk and dv land at data-depen
 use atomic adds (like the official CUDA kernel), so their float32 sums are not bitwise
 deterministic; d(offset) follows from the derivative of the corner weights:
 d/dy = sum_c dw_c/dy * (w <g, v_c> + da <q, k_c>), likewise for x.
+
+Block sizes are autotuned per shape and dtype (one config under TRITON_INTERPRET=1); the backward's
+autotuning zeroes dk / dv before each trial (``reset_to_zero``) because it accumulates atomically.
+Indices go int64 when a tensor spans 2**31 elements (``IDX``, as in the window kernels).
 """
 from __future__ import annotations
 
@@ -24,15 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..window.triton import BLOCK_P, _acc, _grid, _np2
+from ..window.triton import _I_P, _I_PC, _PIX, _PIX_CHAN, _acc, _configs, _grid, _idx, _np2, _pixels
 from ..window.triton import _dot_window as _gdot  # the same d-long dot per pixel
 from ..window.triton import _stat_dtype as _acc_torch
 
+_KEY = ["DG", "CG", "H", "W", "Hq", "Wq", "P", "G", "S"]
+
 
 @triton.jit
-def _corners(off_ptr, ob, osc, o_pix, g, pt, P, li, lj, H, W, mask_p, ACC: tl.constexpr):
+def _corners(off_ptr, ob, osc, o_pix, g, pt, P, li, lj, H, W, mask_p, ACC: tl.constexpr, IDX: tl.constexpr):
     """Corner offsets (low-res flat index), in-range masks and bilinear weights of one point."""
-    ch = 2 * (g * P + pt)
+    ch = (2 * (g * P + pt)).to(IDX)
     dx = tl.load(off_ptr + ob + ch * osc + o_pix, mask=mask_p, other=0.0).to(ACC)
     dy = tl.load(off_ptr + ob + (ch + 1) * osc + o_pix, mask=mask_p, other=0.0).to(ACC)
     y = li.to(ACC) + dy
@@ -41,8 +47,8 @@ def _corners(off_ptr, ob, osc, o_pix, g, pt, P, li, lj, H, W, mask_p, ACC: tl.co
     x0f = tl.floor(x)
     ly = y - y0f
     lx = x - x0f
-    y0 = y0f.to(tl.int32)
-    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(IDX)
+    x0 = x0f.to(IDX)
     y1 = y0 + 1
     x1 = x0 + 1
     vy0 = (y0 >= 0) & (y0 < H)
@@ -58,30 +64,30 @@ def _corners(off_ptr, ob, osc, o_pix, g, pt, P, li, lj, H, W, mask_p, ACC: tl.co
 
 @triton.jit
 def _logit(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, skh, skw, y0, x0, y1, x1, ly, lx,
-           m00, m01, m10, m11, mask_p, DG, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    a00 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y0 * skh + x0 * skw, mask_p, m00, DG, BLOCK_D, BLOCK_P, ACC)
-    a01 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y0 * skh + x1 * skw, mask_p, m01, DG, BLOCK_D, BLOCK_P, ACC)
-    a10 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y1 * skh + x0 * skw, mask_p, m10, DG, BLOCK_D, BLOCK_P, ACC)
-    a11 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y1 * skh + x1 * skw, mask_p, m11, DG, BLOCK_D, BLOCK_P, ACC)
+           m00, m01, m10, m11, mask_p, DG, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+           IDX: tl.constexpr):
+    a00 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y0 * skh + x0 * skw, mask_p, m00, DG, BLOCK_D, BLOCK_P, ACC, IDX)
+    a01 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y0 * skh + x1 * skw, mask_p, m01, DG, BLOCK_D, BLOCK_P, ACC, IDX)
+    a10 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y1 * skh + x0 * skw, mask_p, m10, DG, BLOCK_D, BLOCK_P, ACC, IDX)
+    a11 = _gdot(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, y1 * skh + x1 * skw, mask_p, m11, DG, BLOCK_D, BLOCK_P, ACC, IDX)
     a = (1 - ly) * ((1 - lx) * a00 + lx * a01) + ly * ((1 - lx) * a10 + lx * a11)
     return a, a00, a01, a10, a11
 
 
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=_KEY)
 @triton.jit
 def _sapa_deform_fwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, out_ptr, lse_ptr,
                             DG, CG, H, W, Hq, Wq, P, G,
                             sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw,
                             sob, soc, soh, sow, sfb, sfc, sfh, sfw,
-                            S: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
+                            S: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_gc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n_cblk = tl.cdiv(CG, BLOCK_C)
-    g = pid_gc // n_cblk
+    g = (pid_gc // n_cblk).to(tl.int64)
     cblk = pid_gc % n_cblk
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Hq * Wq
+    offs_p, mask_p = _pixels(tl.program_id(0), BLOCK_P, Hq * Wq, IDX)
     i = offs_p // Wq
     j = offs_p % Wq
     li = i // S
@@ -94,22 +100,22 @@ def _sapa_deform_fwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, out_ptr, lse_ptr,
     l = tl.zeros([BLOCK_P], dtype=ACC)
     for pt in range(P):
         y0, x0, y1, x1, ly, lx, m00, m01, m10, m11 = _corners(off_ptr, b * sfb, sfc, o_pix, g, pt, P, li, lj,
-                                                              H, W, mask_p, ACC)
+                                                              H, W, mask_p, ACC, IDX)
         a, _, _, _, _ = _logit(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, skh, skw, y0, x0, y1, x1, ly, lx,
-                               m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC)
+                               m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC, IDX)
         m_new = tl.maximum(m, a)
         l = l * tl.exp(m - m_new) + tl.exp(a - m_new)
         m = m_new
     lse = m + tl.log(l)
-    offs_c = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = (cblk * BLOCK_C + tl.arange(0, BLOCK_C)).to(IDX)
     mc = offs_c < CG
     vb = b * svb + (g * CG + offs_c[:, None]) * svc
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     for pt in range(P):
         y0, x0, y1, x1, ly, lx, m00, m01, m10, m11 = _corners(off_ptr, b * sfb, sfc, o_pix, g, pt, P, li, lj,
-                                                              H, W, mask_p, ACC)
+                                                              H, W, mask_p, ACC, IDX)
         a, _, _, _, _ = _logit(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, skh, skw, y0, x0, y1, x1, ly, lx,
-                               m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC)
+                               m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC, IDX)
         w = tl.exp(a - lse)
         v00 = tl.load(v_ptr + vb + (y0 * svh + x0 * svw)[None, :], mask=mc[:, None] & m00[None, :], other=0.0).to(ACC)
         v01 = tl.load(v_ptr + vb + (y0 * svh + x1 * svw)[None, :], mask=mc[:, None] & m01[None, :], other=0.0).to(ACC)
@@ -124,39 +130,37 @@ def _sapa_deform_fwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, out_ptr, lse_ptr,
         tl.store(lse_ptr + (b * G + g) * Hq * Wq + offs_p, lse, mask=mask_p)
 
 
+@triton.autotune(configs=_configs(_PIX_CHAN, _I_PC), key=["CG", "Hq", "Wq"])
 @triton.jit
 def _group_rowdot_kernel(a_ptr, b_ptr, out_ptr, CG, Hq, Wq, sab, sac, sah, saw, sbb, sbc, sbh, sbw,
-                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ACC: tl.constexpr, IDX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b, g, p] = sum_{c in group g} a[b, c, p] * b[b, c, p]."""
-    pid_p = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     G = tl.num_programs(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Hq * Wq
+    offs_p, mask_p = _pixels(tl.program_id(0), BLOCK_P, Hq * Wq, IDX)
     i = offs_p // Wq
     j = offs_p % Wq
     acc = _gdot(a_ptr, b * sab + g * CG * sac, sac, i * sah + j * saw, b_ptr, b * sbb + g * CG * sbc, sbc,
-                i * sbh + j * sbw, mask_p, mask_p, CG, BLOCK_C, BLOCK_P, ACC)
+                i * sbh + j * sbw, mask_p, mask_p, CG, BLOCK_C, BLOCK_P, ACC, IDX)
     tl.store(out_ptr + (b * G + g) * Hq * Wq + offs_p, acc, mask=mask_p)
 
 
+@triton.autotune(configs=_configs(_PIX, _I_P), key=_KEY, reset_to_zero=["dk_ptr", "dv_ptr"])
 @triton.jit
 def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_ptr,
                             dq_ptr, dk_ptr, dv_ptr, doff_ptr,
                             DG, CG, H, W, Hq, Wq, P, G,
                             sqb, sqc, sqh, sqw, skb, skc, skh, skw, svb, svc, svh, svw,
                             sgb, sgc, sgh, sgw, sfb, sfc, sfh, sfw,
-                            S: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                            S: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program = BLOCK_P pixels x one group, all of the group's channels.
     dq, doff: owned, plain stores. dk, dv: atomic adds at the four corners of every point.
     dq/dk/dv/doff are contiguous NCHW buffers in the accumulation dtype."""
-    pid_p = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Hq * Wq
+    offs_p, mask_p = _pixels(tl.program_id(0), BLOCK_P, Hq * Wq, IDX)
     i = offs_p // Wq
     j = offs_p % Wq
     li = i // S
@@ -172,7 +176,7 @@ def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_
     o_pix = i * sfh + j * sfw
     lse = tl.load(lse_ptr + (b * G + g) * Hq * Wq + offs_p, mask=mask_p, other=0.0)
     delta = tl.load(delta_ptr + (b * G + g) * Hq * Wq + offs_p, mask=mask_p, other=0.0)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(IDX)
     md = offs_d < DG
     qt = tl.load(q_ptr + qb + offs_d[:, None] * sqc + q_pix[None, :], mask=md[:, None] & mask_p[None, :],
                  other=0.0).to(ACC)
@@ -180,13 +184,13 @@ def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_
     dkb = b * D * H * W + (g * DG + offs_d[:, None]) * H * W
     for pt in range(P):
         y0, x0, y1, x1, ly, lx, m00, m01, m10, m11 = _corners(off_ptr, b * sfb, sfc, o_pix, g, pt, P, li, lj,
-                                                              H, W, mask_p, ACC)
+                                                              H, W, mask_p, ACC, IDX)
         a, a00, a01, a10, a11 = _logit(q_ptr, qb, sqc, q_pix, k_ptr, kb, skc, skh, skw, y0, x0, y1, x1, ly, lx,
-                                       m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC)
-        g00 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y0 * svh + x0 * svw, mask_p, m00, CG, BLOCK_C, BLOCK_P, ACC)
-        g01 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y0 * svh + x1 * svw, mask_p, m01, CG, BLOCK_C, BLOCK_P, ACC)
-        g10 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y1 * svh + x0 * svw, mask_p, m10, CG, BLOCK_C, BLOCK_P, ACC)
-        g11 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y1 * svh + x1 * svw, mask_p, m11, CG, BLOCK_C, BLOCK_P, ACC)
+                                       m00, m01, m10, m11, mask_p, DG, BLOCK_D, BLOCK_P, ACC, IDX)
+        g00 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y0 * svh + x0 * svw, mask_p, m00, CG, BLOCK_C, BLOCK_P, ACC, IDX)
+        g01 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y0 * svh + x1 * svw, mask_p, m01, CG, BLOCK_C, BLOCK_P, ACC, IDX)
+        g10 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y1 * svh + x0 * svw, mask_p, m10, CG, BLOCK_C, BLOCK_P, ACC, IDX)
+        g11 = _gdot(g_ptr, gb, sgc, g_pix, v_ptr, vb, svc, y1 * svh + x1 * svw, mask_p, m11, CG, BLOCK_C, BLOCK_P, ACC, IDX)
         w00 = (1 - ly) * (1 - lx)
         w01 = (1 - ly) * lx
         w10 = ly * (1 - lx)
@@ -216,7 +220,7 @@ def _sapa_deform_bwd_kernel(q_ptr, k_ptr, v_ptr, off_ptr, g_ptr, lse_ptr, delta_
         tl.atomic_add(dk_ptr + dkb + (y1 * W + x1)[None, :], qt * (da * w11)[None, :], mask=md[:, None] & m11[None, :])
         # dv (scattered): w * corner weight * grad_out
         for c0 in range(0, CG, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(IDX)
             mc = offs_c < CG
             gt = tl.load(g_ptr + gb + offs_c[:, None] * sgc + g_pix[None, :], mask=mc[:, None] & mask_p[None, :],
                          other=0.0).to(ACC)
@@ -242,11 +246,12 @@ def sapa_deform_fwd(q, k, v, offset, P: int, G: int, S: int):
     lse = torch.empty(B, G, Hq, Wq, device=v.device, dtype=_acc_torch(v.dtype))
     if B and Hq * Wq and C:
         DG, CG = D // G, C // G
-        BC = _np2(CG, hi=64)
-        _sapa_deform_fwd_kernel[_grid(Hq * Wq, G * triton.cdiv(CG, BC), B)](
+        def grid(meta):
+            return (triton.cdiv(Hq * Wq, meta["BLOCK_P"]), G * triton.cdiv(CG, meta["BLOCK_C"]), B)
+        _sapa_deform_fwd_kernel[grid](
             q, k, v, offset, out, lse, DG, CG, H, W, Hq, Wq, P, G,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *offset.stride(),
-            S=S, ACC=_acc(v.dtype), BLOCK_P=BLOCK_P, BLOCK_D=_np2(DG, hi=64), BLOCK_C=BC)
+            S=S, ACC=_acc(v.dtype), IDX=_idx(q, k, v, offset, out), BLOCK_D=_np2(DG, hi=64))
     return out, lse
 
 
@@ -264,12 +269,12 @@ def sapa_deform_bwd(grad_out, q, k, v, offset, out, lse, P: int, G: int, S: int)
         if DG > 256:
             raise ValueError(f"triton sapa_deform: at most 256 key channels per group, got {DG}")
         acc = _acc(v.dtype)
+        idx = _idx(grad_out, q, k, v, offset, out, dq, dk, dv, doff)
         delta = torch.empty(B, G, Hq, Wq, device=v.device, dtype=acc_t)
         _group_rowdot_kernel[_grid(Hq * Wq, G, B)](grad_out, out, delta, CG, Hq, Wq, *grad_out.stride(),
-                                                   *out.stride(), ACC=acc, BLOCK_P=BLOCK_P,
-                                                   BLOCK_C=_np2(CG, hi=64))
+                                                   *out.stride(), ACC=acc, IDX=idx)
         _sapa_deform_bwd_kernel[_grid(Hq * Wq, G, B)](
             q, k, v, offset, grad_out, lse, delta, dq, dk, dv, doff, DG, CG, H, W, Hq, Wq, P, G,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *offset.stride(),
-            S=S, ACC=acc, BLOCK_P=BLOCK_P, BLOCK_D=_np2(DG, hi=256), BLOCK_C=_np2(CG, hi=64))
+            S=S, ACC=acc, IDX=idx, BLOCK_D=_np2(DG, hi=256), BLOCK_C=_np2(CG, hi=64))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), doff.to(offset.dtype)
