@@ -42,8 +42,8 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 
 def same_batch(**tensors: torch.Tensor) -> None:
-    batches = {name: t.shape[0] for name, t in tensors.items()}
-    if len(set(batches.values())) > 1:
+    batches = [t.shape[0] for t in tensors.values()]
+    if any(b != batches[0] for b in batches):  # no set(): symbolic sizes (torch.export) are unhashable
         listing = ", ".join(f"{n} {shape_str(t)}" for n, t in tensors.items())
         raise ValueError(f"batch sizes differ: {listing}")
 
