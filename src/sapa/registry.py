@@ -11,6 +11,8 @@ Contract
 * Class attribute ``needs_guide: bool``; instance attributes ``in_channels``, ``guide_channels``,
   ``scale_factor``; ``extra_repr`` lists the settings.
 * Output dtype = dtype of ``x``; works for batch 0 and any float dtype; gradients reach every parameter.
+  Under ``torch.autocast`` the output has the autocast dtype, and a channels_last ``x`` gives a
+  channels_last output (``_deploy_hook``, docs/DEPLOY.md).
 
 Registry
 --------
@@ -36,6 +38,22 @@ def _ensure_loaded() -> None:
     from . import nn as _  # noqa: F401  (importing sapa.nn registers every built-in upsampler)
 
 
+def _deploy_hook(module, args, out):
+    """One rule for every upsampler: under autocast the output has the autocast dtype (whatever the
+    module's last op was: a conv returns it already, a reassembly of fp32 values would not), and a
+    channels_last x gives a channels_last output. Not applied while exporting (ONNX has no layout)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or torch.compiler.is_exporting():
+        return None
+    x = args[0] if args else None
+    dev = out.device.type
+    if torch.is_autocast_enabled(dev) and out.dtype != torch.get_autocast_dtype(dev):
+        out = out.to(torch.get_autocast_dtype(dev))
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and out.dim() == 4
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 class Upsampler(nn.Module):
     """Base class of every registered upsampler (see the module docstring for the contract)."""
 
@@ -48,6 +66,7 @@ class Upsampler(nn.Module):
         self.guide_channels = (in_channels if guide_channels is None
                                else C.positive_int("guide_channels", guide_channels))
         self.scale_factor = C.positive_int("scale_factor", scale_factor)
+        self.register_forward_hook(_deploy_hook)
 
     def output_size(self, x: torch.Tensor, guide: torch.Tensor | None) -> tuple[int, int]:
         """Validate ``x`` (and ``guide``) and return the high-res size ``(H', W')``."""
