@@ -12,7 +12,7 @@ Contract
   ``scale_factor``; ``extra_repr`` lists the settings.
 * Output dtype = dtype of ``x``; works for batch 0 and any float dtype; gradients reach every parameter.
   Under ``torch.autocast`` the output has the autocast dtype, and a channels_last ``x`` gives a
-  channels_last output (``_deploy_hook``, docs/DEPLOY.md).
+  channels_last output (``_deploy_rule``, docs/DEPLOY.md).
 
 Registry
 --------
@@ -24,6 +24,7 @@ Unknown names raise ``KeyError`` listing the valid ones.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Any, Callable
 
 import torch
@@ -38,13 +39,12 @@ def _ensure_loaded() -> None:
     from . import nn as _  # noqa: F401  (importing sapa.nn registers every built-in upsampler)
 
 
-def _deploy_hook(module, args, out):
+def _deploy_rule(x, out):
     """One rule for every upsampler: under autocast the output has the autocast dtype (whatever the
     module's last op was: a conv returns it already, a reassembly of fp32 values would not), and a
     channels_last x gives a channels_last output. Not applied while exporting (ONNX has no layout)."""
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or torch.compiler.is_exporting():
-        return None
-    x = args[0] if args else None
+        return out
     dev = out.device.type
     if torch.is_autocast_enabled(dev) and out.dtype != torch.get_autocast_dtype(dev):
         out = out.to(torch.get_autocast_dtype(dev))
@@ -54,11 +54,28 @@ def _deploy_hook(module, args, out):
     return out
 
 
+def _with_deploy_rule(forward):
+    # A wrapper of forward rather than a forward hook: torch.compile(module) traced the hook as a
+    # frame of its own with static shapes, which recompiled when only the batch size changed.
+    @functools.wraps(forward)
+    def wrapped(self, x, *args, **kwargs):
+        return _deploy_rule(x, forward(self, x, *args, **kwargs))
+
+    wrapped._sapa_deploy_rule = True
+    return wrapped
+
+
 class Upsampler(nn.Module):
     """Base class of every registered upsampler (see the module docstring for the contract)."""
 
     needs_guide: bool = False
     name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fwd = cls.__dict__.get("forward")
+        if fwd is not None and not getattr(fwd, "_sapa_deploy_rule", False):
+            cls.forward = _with_deploy_rule(fwd)
 
     def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2):
         super().__init__()
@@ -66,7 +83,6 @@ class Upsampler(nn.Module):
         self.guide_channels = (in_channels if guide_channels is None
                                else C.positive_int("guide_channels", guide_channels))
         self.scale_factor = C.positive_int("scale_factor", scale_factor)
-        self.register_forward_hook(_deploy_hook)
 
     def output_size(self, x: torch.Tensor, guide: torch.Tensor | None) -> tuple[int, int]:
         """Validate ``x`` (and ``guide``) and return the high-res size ``(H', W')``."""
