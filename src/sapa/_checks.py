@@ -57,7 +57,8 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 def same_batch(**tensors: torch.Tensor) -> None:
     # == rather than a set of sizes: under torch.jit.trace the sizes are traced 0-d tensors, which
-    # hash and compare by identity in a set, so equal batches looked different.
+    # hash and compare by identity in a set, so equal batches looked different; symbolic sizes
+    # (torch.export) are unhashable.
     batches = [t.shape[0] for t in tensors.values()]
     if any(b != batches[0] for b in batches[1:]):
         listing = ", ".join(f"{n} {shape_str(t)}" for n, t in tensors.items())

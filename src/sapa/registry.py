@@ -11,6 +11,8 @@ Contract
 * Class attribute ``needs_guide: bool``; instance attributes ``in_channels``, ``guide_channels``,
   ``scale_factor``; ``extra_repr`` lists the settings.
 * Output dtype = dtype of ``x``; works for batch 0 and any float dtype; gradients reach every parameter.
+  Under ``torch.autocast`` the output has the autocast dtype, and a channels_last ``x`` gives a
+  channels_last output (``_deploy_rule``, docs/DEPLOY.md).
 
 Registry
 --------
@@ -22,6 +24,7 @@ Unknown names raise ``KeyError`` listing the valid ones.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Any, Callable
 
 import torch
@@ -36,11 +39,43 @@ def _ensure_loaded() -> None:
     from . import nn as _  # noqa: F401  (importing sapa.nn registers every built-in upsampler)
 
 
+def _deploy_rule(x, out):
+    """One rule for every upsampler: under autocast the output has the autocast dtype (whatever the
+    module's last op was: a conv returns it already, a reassembly of fp32 values would not), and a
+    channels_last x gives a channels_last output. Not applied while exporting (ONNX has no layout)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or torch.compiler.is_exporting():
+        return out
+    dev = out.device.type
+    if torch.is_autocast_enabled(dev) and out.dtype != torch.get_autocast_dtype(dev):
+        out = out.to(torch.get_autocast_dtype(dev))
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and out.dim() == 4
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _with_deploy_rule(forward):
+    # A wrapper of forward rather than a forward hook: torch.compile(module) traced the hook as a
+    # frame of its own with static shapes, which recompiled when only the batch size changed.
+    @functools.wraps(forward)
+    def wrapped(self, x, *args, **kwargs):
+        return _deploy_rule(x, forward(self, x, *args, **kwargs))
+
+    wrapped._sapa_deploy_rule = True
+    return wrapped
+
+
 class Upsampler(nn.Module):
     """Base class of every registered upsampler (see the module docstring for the contract)."""
 
     needs_guide: bool = False
     name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fwd = cls.__dict__.get("forward")
+        if fwd is not None and not getattr(fwd, "_sapa_deploy_rule", False):
+            cls.forward = _with_deploy_rule(fwd)
 
     def __init__(self, in_channels: int, *, guide_channels: int | None = None, scale_factor: int = 2):
         super().__init__()

@@ -51,6 +51,11 @@ class Linear2d(nn.Linear):
 
 def crop(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     H, W = size
+    if torch.compiler.is_exporting():
+        # Guard-free under torch.export: comparing sizes (or slicing) would fix H' = s*H at the
+        # example's sizes and lose the ceil-mode guide sizes (see sapa/ops/window/export.py: crop).
+        from ..ops.window.export import crop as export_crop
+        return export_crop(t, H, W)
     if t.shape[-2] == H and t.shape[-1] == W:
         return t
     return t[..., :H, :W]

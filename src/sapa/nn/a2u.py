@@ -80,6 +80,12 @@ class A2U(Upsampler):
         groups), kernel ``[B, d, k, k]`` -> ``[B*d, Cy, H, W]``.
         """
         d, k = self.rank, self.encoder_kernel
+        if torch.compiler.is_exporting():
+            # ONNX Conv's group is a constant: with a dynamic batch, convolve every sample with every
+            # sample's kernels (B times the work) and keep the matching pairs.
+            e = F.conv2d(yt.flatten(0, 1).unsqueeze(1), kernel.reshape(B * d, 1, k, k), stride=self.scale_factor)
+            e = e.unflatten(0, (-1, B)).unflatten(2, (B, d)).diagonal(dim1=1, dim2=2)  # [Cy, d, H, W, B]
+            return F.leaky_relu(enc_norm(e.permute(4, 1, 0, 2, 3).flatten(0, 1)), 0.01)
         e = F.conv2d(yt, kernel.reshape(B * d, 1, k, k), stride=self.scale_factor, groups=B)
         e = e.view(-1, B * d, H, W).transpose(0, 1)
         return F.leaky_relu(enc_norm(e), 0.01)
