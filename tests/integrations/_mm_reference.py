@@ -80,3 +80,34 @@ def fork_sapa_forward(sd, y, x, K=5, s=2, norm=True):
     kc = kc.repeat_interleave(s, -2).repeat_interleave(s, -1)  # [B, d, K^2, sH, sW]
     attn = torch.softmax((q.unsqueeze(2) * kc).sum(1), dim=1)  # [B, K^2, sH, sW]
     return carafe_reassemble(x, attn, K, 1, s)
+
+
+def fork_sapadeform_forward(sd, y, x, P=9, G=4, s=2):
+    """The forks' SAPADeform(y=guide, x) with high_offset=True, norm=False: per high-res pixel, group g and
+    point p, offset channel 2(gP+p) is the x (width) offset, 2(gP+p)+1 the y one, in low-res pixels from
+    the centre of pixel (i//s, j//s); keys and raw values sampled bilinearly with zero padding; softmax
+    over the P points of each group. One grid_sample per (g, p), in float64."""
+    q = F.conv2d(y, sd["q.weight"], sd.get("q.bias"))
+    k = F.conv2d(x, sd["k.weight"], sd.get("k.bias"))
+    off = F.pixel_shuffle(F.conv2d(x, sd["offset.weight"], sd.get("offset.bias")), s)  # [B, 2GP, sH, sW]
+    B, C, H, W = x.shape
+    d = q.shape[1] // G
+    ii = (torch.arange(s * H, dtype=x.dtype) // s).view(1, -1, 1)  # parent low-res row
+    jj = (torch.arange(s * W, dtype=x.dtype) // s).view(1, 1, -1)
+    out = []
+    for g in range(G):
+        logits, vals = [], []
+        for p in range(P):
+            dx, dy = off[:, 2 * (g * P + p)], off[:, 2 * (g * P + p) + 1]
+            gx = 2 * (jj + 0.5 + dx) / W - 1
+            gy = 2 * (ii + 0.5 + dy) / H - 1
+            grid = torch.stack([gx, gy], dim=-1)  # [B, sH, sW, 2]
+            ks = F.grid_sample(k[:, g * d:(g + 1) * d], grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False)
+            logits.append((q[:, g * d:(g + 1) * d] * ks).sum(1))
+            cg = C // G
+            vals.append(F.grid_sample(x[:, g * cg:(g + 1) * cg], grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False))
+        w = torch.softmax(torch.stack(logits, 1), dim=1)  # [B, P, sH, sW]
+        out.append(sum(w[:, p:p + 1] * vals[p] for p in range(P)))
+    return torch.cat(out, 1)

@@ -10,7 +10,7 @@ import torch
 
 import sapa
 from _mm_reference import (carafepack_forward, fork_dysample_init_pos, fork_dysample_lp_forward,
-                           fork_fade_forward, fork_sapa_forward)
+                           fork_fade_forward, fork_sapa_forward, fork_sapadeform_forward)
 from sapa.integrations._mmargs import (MM_DEFAULTS, accepted_args, build_mm_upsampler, convert_checkpoint,
                                        convert_state_dict, translate)
 from sapa.nn.carafe import CARAFE
@@ -211,3 +211,15 @@ def test_convert_checkpoint_for_a_whole_network_drops_unused_fork_upsamplers():
     net.load_state_dict(out, strict=True)
     assert torch.equal(net.upsample_modules[1].compressor_en.weight,
                        sd["upsample_modules.1.ker_generator.compressor_en.weight"])
+
+
+def test_fork_sapadeform_state_dict_gives_equal_outputs():
+    C, G, P, d = 32, 4, 9, 8
+    fork = {"q.weight": (G * d, C, 1, 1), "q.bias": (G * d,), "k.weight": (G * d, C, 1, 1), "k.bias": (G * d,),
+            "offset.weight": (2 * G * P * 4, C, 1, 1), "offset.bias": (2 * G * P * 4,)}
+    sd = _rand_sd(fork, seed=4, scale=0.3)  # offsets of about +-1 low-res pixel: fractional, some outside
+    up = build_mm_upsampler(dict(type="sapadeform", num_point=P, groups=G, embedding_dim=d), C).double()
+    up.load_state_dict(convert_state_dict(sd, up), strict=True)
+    x, y = torch.randn(2, C, 5, 6, dtype=D), torch.randn(2, C, 10, 12, dtype=D)
+    assert torch.allclose(up(x, y), fork_sapadeform_forward(sd, y, x, P, G, 2), atol=1e-10, rtol=0)
+

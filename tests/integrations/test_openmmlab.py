@@ -165,7 +165,9 @@ def test_mmseg_segformer_head_matches_sapa_head():
     head = MMSEG_MODELS.build(dict(type="SapaSegFormerHead", in_channels=chs, channels=32, num_classes=5,
                                    upsampler=dict(type="sapa.sapa_b", up_kernel_size=3)))
     head.eval()
-    ref = SegFormerHead(chs, embed_dim=32, num_classes=5, upsampler=dict(type="sapa_b", kernel_size=3)).eval()
+    # the mm config means the forks' (journal) SAPA-B; say so explicitly for sapa's own head
+    ref = SegFormerHead(chs, embed_dim=32, num_classes=5,
+                        upsampler=dict(type="sapa_b", kernel_size=3, version="journal", norm=True)).eval()
     sd = {k.replace("conv_seg.", "linear_pred."): v for k, v in head.state_dict().items()}
     ref.load_state_dict(sd, strict=True)
     feats = _mmseg_inputs(chs)
