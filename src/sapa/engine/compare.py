@@ -321,6 +321,10 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
             os.environ["NUMBA_NUM_THREADS"] = "1"  # inherited by the workers
+            # Also one OpenMP thread from the workers' start: torch.set_num_threads(1) sets it for the
+            # calling thread only; an op run from another thread (or before the call) gets a 2-thread
+            # team whose barrier spin-waits cost a loaded machine up to several times the CPU time.
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(_train_one_star, t) for t in tasks]
                 for f in as_completed(futures):
