@@ -4,6 +4,7 @@ determinism (same seed -> same numbers, whatever the number of jobs), the figure
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -42,11 +43,14 @@ def test_same_seed_same_numbers_and_row_shape(tmp_path):
 
 
 def test_jobs_do_not_change_the_numbers_and_seeds_give_mean_std():
+    before = os.environ.get("NUMBA_NUM_THREADS")
     one = run_compare(["bilinear"], seeds=2, overrides=SMALL, jobs=1, progress=False, figure=False)
     two = run_compare(["bilinear"], seeds=2, overrides=SMALL, jobs=2, progress=False, figure=False)
     r1, r2 = one.rows[0], two.rows[0]
     assert r1["miou_runs"] == r2["miou_runs"] and r1["biou_runs"] == r2["biou_runs"]
     assert r1["seeds"] == [0, 1] and r1["miou_runs"][0] != r1["miou_runs"][1]
+    # the parent's thread settings are back (numba refuses a changed NUMBA_NUM_THREADS at its next compile)
+    assert os.environ.get("NUMBA_NUM_THREADS") == before
     mean = sum(r1["miou_runs"]) / 2
     assert r1["miou"] == pytest.approx(mean, abs=0.006)
     assert "±" in format_table(one)

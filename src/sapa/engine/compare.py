@@ -320,11 +320,25 @@ def run_compare(upsamplers=DEFAULT_UPSAMPLERS, seeds: int = 1, overrides=(), job
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
-            os.environ["NUMBA_NUM_THREADS"] = "1"  # inherited by the workers
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_train_one_star, t) for t in tasks]
-                for f in as_completed(futures):
-                    done(f.result())
+            # One numba and one OpenMP thread from the workers' start (inherited from os.environ at
+            # spawn): torch.set_num_threads(1) covers only the calling thread, and an op run before it
+            # or from another thread gets a 2-thread team whose barrier spin-waits cost a loaded
+            # machine several times the CPU time. The parent's values come back afterwards: numba
+            # re-reads the variable at every compile and refuses a change once its threads run.
+            saved = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+            os.environ["NUMBA_NUM_THREADS"] = "1"
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            try:
+                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                    futures = [pool.submit(_train_one_star, t) for t in tasks]
+                    for f in as_completed(futures):
+                        done(f.result())
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
     finally:
         torch.set_num_threads(prev_threads)
         if bar is not None:
