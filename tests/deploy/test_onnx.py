@@ -170,3 +170,16 @@ def test_cli_export_and_errors(tmp_path, capsys):
     assert "unknown upsampler 'nope'" in capsys.readouterr().err
     assert main(["export", "--host", "resnet", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "unknown host 'resnet'" in capsys.readouterr().err
+
+
+def test_deploy_md_worked_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "DEPLOY.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/DEPLOY.md has no python example"
+    for code in blocks:
+        exec(compile(code, "docs/DEPLOY.md", "exec"), {})
+    shape, err = capsys.readouterr().out.strip().splitlines()[-1].rsplit(" ", 1)
+    assert shape == "(1, 16, 11, 18)" and float(err) < 1e-5
