@@ -9,7 +9,7 @@ Steps (each a subprocess with its own time limit, its output in ``OUTDIR/<step>.
    ``SAPA_TRITON_AUTOTUNE=0`` (one compile per kernel) plus every autotune config of both fused
    forwards at the authors' shape;
 3. ``bench-*``: ``sapa bench --device cuda`` in bf16 at the authors' shape, then the SegFormer-B1,
-   UPerNet and FPN placements, and fp32 at the authors' shape (``bench-*.jsonl``);
+   UPerNet and FPN placements, and fp32 ``sapa`` at the authors' shape (``bench-*.jsonl``);
 4. ``train``: ``benchmarks/gpu/train_check.py``: 200 iterations of SegFormer-B1 at 512x512, batch 8,
    bf16 autocast, bilinear / SAPA-B triton / SAPA-B reference (``train.jsonl``);
 5. ``ddp``: ``torchrun --nproc_per_node 1 -m sapa train`` on the synthetic preset with
@@ -207,8 +207,8 @@ def main(argv=None) -> int:
             _run(f"bench-{shapes}", bench + ["--shapes", shapes, "--dtype", "bfloat16", "--json",
                                              str(out / "bench-placements.jsonl")],
                  out, limits[f"bench-{shapes}"], env, status)
-        _run("bench-fp32", bench + ["--shapes", "authors", "--dtype", "float32", "--ops", "sapa", "sapa_deform",
-                                    "reassemble", "--json", str(out / "bench-fp32.jsonl")],
+        _run("bench-fp32", bench + ["--shapes", "authors", "--dtype", "float32", "--ops", "sapa",
+                                    "--json", str(out / "bench-fp32.jsonl")],
              out, limits["bench-fp32"], env, status)
     train = [py, str(ROOT / "benchmarks/gpu/train_check.py"), str(out / "train.jsonl")]
     train += ["--dry-run", "--iters", "1", "--size", "32", "--batch", "2"] if dry else ["--iters", "200"]

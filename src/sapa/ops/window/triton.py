@@ -79,9 +79,10 @@ def _configs(space, interp):
 # interpreter configs: large blocks, because its cost grows with the number of programs, not their size
 _I_PC = {"BLOCK_P": 64, "BLOCK_C": 256}
 _I_P = {"BLOCK_P": 64}
-_PIX_CHAN = [({"BLOCK_P": 32, "BLOCK_C": 32}, 2), ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
-             ({"BLOCK_P": 64, "BLOCK_C": 64}, 4), ({"BLOCK_P": 128, "BLOCK_C": 64}, 8)]
-_PIX = [({"BLOCK_P": 32}, 2), ({"BLOCK_P": 64}, 4), ({"BLOCK_P": 128}, 4)]
+# two configs per kernel: each one more compile (1-16 s per kernel on a 2-core host, 48 s for the
+# whole set of one dtype and K, s), which the first call of every shape pays
+_PIX_CHAN = [({"BLOCK_P": 64, "BLOCK_C": 64}, 4), ({"BLOCK_P": 128, "BLOCK_C": 64}, 8)]
+_PIX = [({"BLOCK_P": 64}, 4), ({"BLOCK_P": 128}, 4)]
 _KEY = ["D", "C", "H", "W", "Hq", "Wq", "K", "S"]
 
 
@@ -170,8 +171,7 @@ def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         tl.store(lse_ptr + b * Hq * Wq + offs_p, lse, mask=mask_p)
 
 
-_DOT_SPACE = [({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 64}, 4), ({"PH": 2, "PW": 32, "BU": 32, "BLOCK_C": 64}, 4),
-              ({"PH": 4, "PW": 16, "BU": 16, "BLOCK_C": 128}, 8), ({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 128}, 4)]
+_DOT_SPACE = [({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 64}, 4), ({"PH": 4, "PW": 16, "BU": 16, "BLOCK_C": 128}, 8)]
 
 
 @triton.autotune(configs=_configs(_DOT_SPACE, {"PH": 2, "PW": 8, "BU": 16, "BLOCK_C": 256}), key=_KEY)
@@ -305,8 +305,7 @@ def _sapa_bwd_q_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
              dq.to(dq_ptr.dtype.element_ty), mask=md[:, None] & mask_p[None, :])
 
 
-_PIX_X = [({"BLOCK_P": 32, "BLOCK_X": 32}, 2), ({"BLOCK_P": 64, "BLOCK_X": 32}, 4),
-          ({"BLOCK_P": 64, "BLOCK_X": 64}, 4), ({"BLOCK_P": 128, "BLOCK_X": 32}, 8)]
+_PIX_X = [({"BLOCK_P": 64, "BLOCK_X": 32}, 4), ({"BLOCK_P": 64, "BLOCK_X": 64}, 4)]
 
 
 @triton.autotune(configs=_configs(_PIX_X, {"BLOCK_P": 64, "BLOCK_X": 256}), key=_KEY + ["DO_K"])
