@@ -157,8 +157,7 @@ class _FakeProbe:
         return t, 0.9 * t, 1.1 * t, repeats
 
     def peak_bytes(self, run):
-        run()
-        return 1 << 20
+        return 1 << 20  # (the case already ran in time(); the reference at this shape is slow on CPU)
 
     def copy_bandwidth(self):
         return 100e9  # 100 GB/s

@@ -16,6 +16,9 @@ Design:
   over the K² * S² high-res pixels that see each low-res pixel, so no atomics are needed and the
   result is deterministic.
 * All accumulation is float32; half-precision inputs are loaded and upcast, outputs cast on store.
+* Window loops are dynamic (``range(K * K)``, not ``tl.static_range``): unrolled, the gather forward
+  took 77 s to compile for sm_90 (triton 3.7.1, ``triton.compile`` on this project's 2-core CI box,
+  no GPU needed), dynamic 6.5 s; each autotune config is one such compile.
 * Block sizes are autotuned (``triton.autotune``) per shape (the key) and dtype (triton adds the
   tensors' dtypes to the key); under TRITON_INTERPRET=1 every kernel has one small config, so the
   interpreter tests do not time configs.
@@ -76,9 +79,10 @@ def _configs(space, interp):
 # interpreter configs: large blocks, because its cost grows with the number of programs, not their size
 _I_PC = {"BLOCK_P": 64, "BLOCK_C": 256}
 _I_P = {"BLOCK_P": 64}
-_PIX_CHAN = [({"BLOCK_P": 32, "BLOCK_C": 32}, 2), ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
-             ({"BLOCK_P": 64, "BLOCK_C": 64}, 4), ({"BLOCK_P": 128, "BLOCK_C": 64}, 8)]
-_PIX = [({"BLOCK_P": 32}, 2), ({"BLOCK_P": 64}, 4), ({"BLOCK_P": 128}, 4)]
+# two configs per kernel: each one more compile (1-16 s per kernel on a 2-core host, 48 s for the
+# whole set of one dtype and K, s), which the first call of every shape pays
+_PIX_CHAN = [({"BLOCK_P": 64, "BLOCK_C": 64}, 4), ({"BLOCK_P": 128, "BLOCK_C": 64}, 8)]
+_PIX = [({"BLOCK_P": 64}, 4), ({"BLOCK_P": 128}, 4)]
 _KEY = ["D", "C", "H", "W", "Hq", "Wq", "K", "S"]
 
 
@@ -141,7 +145,7 @@ def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     # pass 1: online log-sum-exp over the K*K logits
     m = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
     l = tl.zeros([BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
         a = _dot_window(q_ptr, b * sqb, sqc, q_off, k_ptr, b * skb, skc, ki * skh + kj * skw,
                         mask_p, valid, D, BLOCK_D, BLOCK_P, ACC, IDX)
@@ -153,7 +157,7 @@ def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(IDX)
     mc = offs_c < C
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
         a = _dot_window(q_ptr, b * sqb, sqc, q_off, k_ptr, b * skb, skc, ki * skh + kj * skw,
                         mask_p, valid, D, BLOCK_D, BLOCK_P, ACC, IDX)
@@ -167,8 +171,7 @@ def _sapa_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         tl.store(lse_ptr + b * Hq * Wq + offs_p, lse, mask=mask_p)
 
 
-_DOT_SPACE = [({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 64}, 4), ({"PH": 2, "PW": 32, "BU": 32, "BLOCK_C": 64}, 4),
-              ({"PH": 4, "PW": 16, "BU": 16, "BLOCK_C": 128}, 8), ({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 128}, 4)]
+_DOT_SPACE = [({"PH": 2, "PW": 16, "BU": 16, "BLOCK_C": 64}, 4), ({"PH": 4, "PW": 16, "BU": 16, "BLOCK_C": 128}, 8)]
 
 
 @triton.autotune(configs=_configs(_DOT_SPACE, {"PH": 2, "PW": 8, "BU": 16, "BLOCK_C": 256}), key=_KEY)
@@ -288,7 +291,7 @@ def _sapa_bwd_q_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(IDX)
     md = offs_d < D
     dq = tl.zeros([BLOCK_D, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, li, lj, H, W, mask_p, K)
         a = _dot_window(q_ptr, b * sqb, sqc, i * sqh + j * sqw, k_ptr, b * skb, skc, ki * skh + kj * skw,
                         mask_p, valid, D, BLOCK_D, BLOCK_P, ACC, IDX)
@@ -302,8 +305,7 @@ def _sapa_bwd_q_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
              dq.to(dq_ptr.dtype.element_ty), mask=md[:, None] & mask_p[None, :])
 
 
-_PIX_X = [({"BLOCK_P": 32, "BLOCK_X": 32}, 2), ({"BLOCK_P": 64, "BLOCK_X": 32}, 4),
-          ({"BLOCK_P": 64, "BLOCK_X": 64}, 4), ({"BLOCK_P": 128, "BLOCK_X": 32}, 8)]
+_PIX_X = [({"BLOCK_P": 64, "BLOCK_X": 32}, 4), ({"BLOCK_P": 64, "BLOCK_X": 64}, 4)]
 
 
 @triton.autotune(configs=_configs(_PIX_X, {"BLOCK_P": 64, "BLOCK_X": 256}), key=_KEY + ["DO_K"])
@@ -331,11 +333,11 @@ def _sapa_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, dx_ptr,
     else:
         mx = offs_x < C
     acc = tl.zeros([BLOCK_X, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ci = h - (n // K - R)
         cj = w - (n % K - R)
         cvalid = mask_l & (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
-        for sub in tl.static_range(S * S):
+        for sub in range(S * S):
             i = ci * S + sub // S
             j = cj * S + sub % S
             valid = cvalid & (i < Hq) & (j < Wq)
@@ -377,7 +379,7 @@ def _similarity_fwd_kernel(q_ptr, k_ptr, out_ptr, D, H, W, Hq, Wq,
     offs_p, mask_p = _pixels(tl.program_id(0), BLOCK_P, Hq * Wq, IDX)
     i = offs_p // Wq
     j = offs_p % Wq
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
         a = _dot_window(q_ptr, b * sqb, sqc, i * sqh + j * sqw, k_ptr, b * skb, skc, ki * skh + kj * skw,
                         mask_p, valid, D, BLOCK_D, BLOCK_P, ACC, IDX)
@@ -398,7 +400,7 @@ def _similarity_bwd_q_kernel(g_ptr, k_ptr, dq_ptr, D, H, W, Hq, Wq, skb, skc, sk
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(IDX)
     md = offs_d < D
     acc = tl.zeros([BLOCK_D, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
         g = tl.load(g_ptr + (b * K * K + n) * Hq * Wq + offs_p, mask=mask_p, other=0.0).to(ACC)
         kt = tl.load(k_ptr + b * skb + offs_d[:, None] * skc + (ki * skh + kj * skw)[None, :],
@@ -431,11 +433,11 @@ def _gather_lowres_kernel(m_ptr, x_ptr, out_ptr, Cx, H, W, Hq, Wq, CPG,
     grp = offs_c // CPG
     G = tl.cdiv(Cx, CPG)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ci = h - (n // K - R)
         cj = w - (n % K - R)
         cvalid = mask_l & (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
-        for sub in tl.static_range(S * S):
+        for sub in range(S * S):
             i = ci * S + sub // S
             j = cj * S + sub % S
             valid = cvalid & (i < Hq) & (j < Wq)
@@ -467,7 +469,7 @@ def _reassemble_fwd_kernel(w_ptr, v_ptr, out_ptr, C, H, W, Hq, Wq, CPG,
     grp = offs_c // CPG
     G = tl.cdiv(C, CPG)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
         wt = tl.load(w_ptr + ((b * G + grp[:, None]) * K * K + n) * Hq * Wq + offs_p[None, :],
                      mask=mc[:, None] & mask_p[None, :], other=0.0).to(ACC)
@@ -491,7 +493,7 @@ def _reassemble_bwd_w_kernel(g_ptr, v_ptr, dw_ptr, C, H, W, Hq, Wq, CPG,
     offs_p, mask_p = _pixels(tl.program_id(0), BLOCK_P, Hq * Wq, IDX)
     i = offs_p // Wq
     j = offs_p % Wq
-    for n in tl.static_range(K * K):
+    for n in range(K * K):
         ki, kj, valid = _window_pos(n, i // S, j // S, H, W, mask_p, K)
         d = _dot_window(g_ptr, b * sgb + g * CPG * sgc, sgc, i * sgh + j * sgw,
                         v_ptr, b * svb + g * CPG * svc, svc, ki * svh + kj * svw,
