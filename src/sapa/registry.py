@@ -46,7 +46,7 @@ def _deploy_rule(x, out):
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or torch.compiler.is_exporting():
         return out
     dev = out.device.type
-    if torch.is_autocast_enabled(dev) and out.dtype != torch.get_autocast_dtype(dev):
+    if torch.is_autocast_enabled(dev) and out.dtype == torch.float32:  # autocast lowers float32 only
         out = out.to(torch.get_autocast_dtype(dev))
     if (isinstance(x, torch.Tensor) and x.dim() == 4 and out.dim() == 4
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
