@@ -362,13 +362,13 @@ def test_torchvision_built_for_another_torch_names_the_pair():
 def test_cli_reports_optional_dependency_error_in_one_line(monkeypatch, capsys):
     import sapa.registry
     from sapa._optional import OptionalDependencyError, missing_message
-    from sapa.cli import main
+    from sapa.cli import EXIT_CODES, main
 
     def boom(*a, **k):
         raise OptionalDependencyError(missing_message("timm", "the ResNet encoder (UPerNet)"))
 
     monkeypatch.setattr(sapa.registry, "list_upsamplers", boom)
-    assert main(["list"]) == 2
+    assert main(["list"]) == EXIT_CODES["missing optional dependency"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sapa list: error: the ResNet encoder (UPerNet) needs timm"), err
 

@@ -39,6 +39,9 @@ def _ensure_loaded() -> None:
     from . import nn as _  # noqa: F401  (importing sapa.nn registers every built-in upsampler)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 def _deploy_rule(x, out):
     """One rule for every upsampler: under autocast the output has the autocast dtype (whatever the
     module's last op was: a conv returns it already, a reassembly of fp32 values would not), and a
@@ -46,7 +49,9 @@ def _deploy_rule(x, out):
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or torch.compiler.is_exporting():
         return out
     dev = out.device.type
-    if torch.is_autocast_enabled(dev) and out.dtype == torch.float32:  # autocast lowers float32 only
+    # autocast lowers float32 only; torch.is_autocast_enabled raises for device types autocast does not
+    # know (meta: shape inference and the complexity counter run there)
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) and out.dtype == torch.float32:
         out = out.to(torch.get_autocast_dtype(dev))
     if (isinstance(x, torch.Tensor) and x.dim() == 4 and out.dim() == 4
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
