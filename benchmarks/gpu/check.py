@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # GPU); the kernel tests compile ~12 kernels for 5 (dtype, K, s) sets with one config each.
 LIMITS = {"env": 15, "tests": 150, "bench-authors": 70, "bench-segformer-b1": 30, "bench-upernet": 30,
           "bench-fpn": 30, "bench-fp32": 25, "train": 80, "ddp": 30, "amp": 20}
-DRY_LIMITS = {k: 120 for k in LIMITS}
+DRY_LIMITS = {k: 400 for k in LIMITS}  # the dry run checks that the steps work, not their time
 
 
 def _env(dry: bool) -> dict:
