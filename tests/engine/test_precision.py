@@ -107,3 +107,17 @@ def test_ddp_always_joins_a_one_process_group(monkeypatch):
         dist.destroy_process_group()
     monkeypatch.setenv("SAPA_DDP_ALWAYS", "0")
     assert not init_distributed("cpu").distributed
+
+
+def test_evaluation_autocasts_in_the_training_dtype():
+    """The trainer passes its resolved amp dtype to evaluation: a float16 run evaluates in float16, not in
+    the old fixed choice (bf16 on CPU / fp16 on CUDA)."""
+    from sapa.engine.evaluate import autocast_context
+
+    cpu = torch.device("cpu")
+    with autocast_context(cpu, torch.float16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    with autocast_context(cpu, True):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast_context(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")

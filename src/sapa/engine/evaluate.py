@@ -9,13 +9,17 @@ from torch.utils.data import DataLoader
 from ..data.samplers import ShardSampler
 from ..metrics import COCOBoxEvaluator, SegmentationMetric
 from .distributed import DistInfo, broadcast_object
+from .precision import resolve_precision
 from .tiny import resize_logits
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU, fp16 on CUDA; a null context when disabled."""
-    if not enabled:
+def autocast_context(device: torch.device, enabled: bool | torch.dtype):
+    """Autocast in ``enabled`` when it is a dtype (the trainer passes its ``train.amp_dtype``, so a bf16
+    run also evaluates in bf16); ``True``: bf16 on CPU, fp16 on CUDA; a null context when off."""
+    if enabled is False or enabled is None:
         return contextlib.nullcontext()
+    if isinstance(enabled, torch.dtype):
+        return torch.autocast(device.type, dtype=enabled)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -42,7 +46,7 @@ def _loader(dataset, batch_size, info: DistInfo, num_workers: int, collate_fn=No
 
 @torch.no_grad()
 def evaluate_segmentation(model, dataset, info: DistInfo | None = None, batch_size: int = 1, num_workers: int = 0,
-                          amp: bool = False, dilation: float | int = 0.02, progress: bool = False,
+                          amp: bool | torch.dtype = False, dilation: float | int = 0.02, progress: bool = False,
                           num_classes: int | None = None) -> dict:
     """mIoU / bIoU of ``model`` (image -> logits at any stride; resized bilinearly to the label
     size) on ``dataset``, sharded over ranks and reduced (identical to a single-process run)."""
@@ -69,7 +73,7 @@ def evaluate_segmentation(model, dataset, info: DistInfo | None = None, batch_si
 
 @torch.no_grad()
 def evaluate_detection(model, dataset, info: DistInfo | None = None, batch_size: int = 1, num_workers: int = 0,
-                       amp: bool = False, progress: bool = False) -> dict:
+                       amp: bool | torch.dtype = False, progress: bool = False) -> dict:
     """COCO box AP of a torchvision-style detector on ``dataset`` (COCODetection uses its JSON as
     ground truth; other datasets' targets are the ground truth), gathered over ranks."""
     from ..data.coco import detection_collate
@@ -114,7 +118,8 @@ def evaluate_checkpoint(path, overrides=(), info: DistInfo | None = None, dilati
     model.to(info.device)
     ds = build_dataset(cfg, "val")
     d, t = cfg.data, cfg.train
+    amp = resolve_precision(info.device, t.amp, t.amp_dtype).dtype or False
     if cfg.task == "segmentation":
-        return evaluate_segmentation(model, ds, info, d.eval_batch_size, d.num_workers, t.amp, dilation,
+        return evaluate_segmentation(model, ds, info, d.eval_batch_size, d.num_workers, amp, dilation,
                                      progress, num_classes=nc)
-    return evaluate_detection(model, ds, info, d.eval_batch_size, d.num_workers, t.amp, progress)
+    return evaluate_detection(model, ds, info, d.eval_batch_size, d.num_workers, amp, progress)

@@ -343,10 +343,11 @@ class Trainer:
         d, t = self.cfg.data, self.cfg.train
         if self.cfg.task == "segmentation":
             res = evaluate_segmentation(self.model, self.val_set, self.info, d.eval_batch_size, d.num_workers,
-                                        t.amp, progress=t.progress, num_classes=self.num_classes)
+                                        self.precision.dtype or False, progress=t.progress,
+                                        num_classes=self.num_classes)
         else:
             res = evaluate_detection(self.model, self.val_set, self.info, d.eval_batch_size, d.num_workers,
-                                     t.amp, progress=t.progress)
+                                     self.precision.dtype or False, progress=t.progress)
         return res
 
     def _mean_over_ranks(self, value: float) -> float:
