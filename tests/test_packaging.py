@@ -50,6 +50,20 @@ def test_cli_help_does_not_import_dynamo():
     assert _json_out(proc) == []
 
 
+
+def test_cli_help_imports_no_torch_and_a_command_keeps_its_options():
+    """``sapa --help`` lists every command from its HELP line: no command's register() (which imports
+    torch for its choices) runs; the command that is named still registers all its options."""
+    proc = _run("import sys, json, contextlib, io\nimport sapa.cli\nout = io.StringIO()\n"
+                "with contextlib.redirect_stdout(out):\n    try:\n        sapa.cli.main(['--help'])\n"
+                "    except SystemExit:\n        pass\n"
+                "heavy = sorted(m for m in ('torch', 'numpy') if m in sys.modules)\n"
+                "sub = io.StringIO()\n"
+                "with contextlib.redirect_stdout(sub):\n    try:\n        sapa.cli.main(['bench', '--help'])\n"
+                "    except SystemExit:\n        pass\n"
+                "print(json.dumps([heavy, 'warmup' in out.getvalue(), '--shapes' in sub.getvalue()]))")
+    assert _json_out(proc) == [[], True, True]
+
 def test_bare_import_sapa_does_not_import_torch():
     proc = _run("import sys, json, sapa\nprint(json.dumps([sapa.__version__, 'torch' in sys.modules]))")
     assert _json_out(proc) == ["0.1.0", False]

@@ -44,15 +44,25 @@ def _epilog() -> str:
             f"their traceback.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sapa`` parser. With ``argv``, only the command named there registers its arguments (its
+    ``register`` imports what its choices come from: torch, the bench tables, ...); the others are
+    listed with their ``HELP`` line, so ``sapa --help`` imports no torch. Without ``argv``, every
+    command registers in full."""
     parser = argparse.ArgumentParser(
         prog="sapa", description="Feature upsamplers for dense prediction: list, benchmark, compare.",
         epilog=_epilog())
     parser.add_argument("--version", action="version", version=f"sapa {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
-            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            name = info.name[len("cmd_"):]
+            if chosen is None or chosen == name:
+                module.register(sub)
+            else:
+                sub.add_parser(name, help=module.HELP, add_help=False)
     return parser
 
 
@@ -79,7 +89,8 @@ def _arm_hang_dump() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -9,12 +9,14 @@ import json
 import sys
 
 
+HELP = 'benchmark the custom ops per backend (speed-up vs the reference, peak memory)'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
     from ..bench.runner import MODES
     from ..bench.shapes import OPS, SHAPE_SETS
 
-    p = sub.add_parser("bench", help="benchmark the custom ops per backend (speed-up vs the reference, "
-                                     "peak memory)", description=__doc__)
+    p = sub.add_parser("bench", help=HELP, description=__doc__)
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), metavar="OP",
                    help=f"ops to time (default: all): {', '.join(OPS)}")
     p.add_argument("--backends", nargs="+", default=None, metavar="NAME",

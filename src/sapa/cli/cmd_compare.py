@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 
 
+HELP = 'train + evaluate a small host with each upsampler (synthetic data, CPU)'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
     from ..engine.compare import DEFAULT_UPSAMPLERS, DEMO_OVERRIDES
-    p = sub.add_parser("compare", help="train + evaluate a small host with each upsampler (synthetic data, CPU)",
+    p = sub.add_parser("compare", help=HELP,
                        description=__doc__)
     p.add_argument("--upsamplers", nargs="+", default=list(DEFAULT_UPSAMPLERS), metavar="NAME",
                    help=f"upsamplers to compare, or 'all' (default: {' '.join(DEFAULT_UPSAMPLERS)}); bilinear, the "

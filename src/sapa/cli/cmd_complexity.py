@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 
+HELP = 'GFLOPs (MACs) and params of a host network with each upsampler'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
     from ..complexity import HOSTS
 
-    p = sub.add_parser("complexity", help="GFLOPs (MACs) and params of a host network with each upsampler",
+    p = sub.add_parser("complexity", help=HELP,
                        description=__doc__)
     p.add_argument("--host", choices=list(HOSTS), default="segformer-b1", help="host network (default segformer-b1)")
     p.add_argument("--size", default="512", help="input size: N (square) or HxW, e.g. 800x1333 (default 512)")

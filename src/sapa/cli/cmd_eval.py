@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 
 
+HELP = 'evaluate a checkpoint on its validation set'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its validation set", description=__doc__)
+    p = sub.add_parser("eval", help=HELP, description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint written by sapa train")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set data.root=/data/ADEChallengeData2016")

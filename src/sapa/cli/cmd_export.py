@@ -13,8 +13,11 @@ import json
 import sys
 
 
+HELP = 'export an upsampler or host network to ONNX'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export an upsampler or host network to ONNX", description=__doc__,
+    p = sub.add_parser("export", help=HELP, description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--upsampler", metavar="NAME", help="a registered upsampler (sapa list)")

@@ -10,8 +10,11 @@ import sys
 import time
 
 
+HELP = 'list registered upsamplers (and optionally run each once)'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list registered upsamplers (and optionally run each once)",
+    p = sub.add_parser("list", help=HELP,
                        description=__doc__)
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'sapa*' (default: all)")
     p.add_argument("--run", action="store_true", help="run forward+backward of each on random features")

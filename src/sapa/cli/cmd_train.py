@@ -5,9 +5,12 @@ The run folder receives config.json, log.jsonl, curves.png, last.pt and best.pt.
 from __future__ import annotations
 
 
+HELP = "train a model from a preset"  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
     from ..engine.config import PRESETS
-    p = sub.add_parser("train", help="train a model (presets: " + ", ".join(PRESETS) + ")", description=__doc__)
+    p = sub.add_parser("train", help=HELP + " (presets: " + ", ".join(PRESETS) + ")", description=__doc__)
     p.add_argument("--preset", default="synthetic", choices=list(PRESETS), help="starting configuration")
     p.add_argument("--config", metavar="JSON", help="start from a config.json of an earlier run instead of a preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -10,8 +10,11 @@ from typing import Callable, Iterable
 DTYPES = ("float32", "float64")
 
 
+HELP = 'precompile every CPU kernel (numba) into the kernel cache'  # `sapa --help` lists it without importing the command
+
+
 def register(sub) -> None:
-    p = sub.add_parser("warmup", help="precompile every CPU kernel (numba) into the kernel cache",
+    p = sub.add_parser("warmup", help=HELP,
                        description=__doc__)
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=DTYPES, metavar="DTYPE",
                    help="kernel dtypes to build: float32 (default; also serves float16/bfloat16) "
