@@ -239,16 +239,10 @@ def count_nodes(model) -> dict[str, int]:
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     import statistics
-    import time
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    from .bench.runner import time_case
+
+    return statistics.median(time_case(fn, repeats, warmup)) * 1e3
 
 
 def onnx_session(model, threads: int | None = None):

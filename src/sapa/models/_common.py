@@ -2,7 +2,6 @@
 baseline, mmcv-style ConvModule, and local checkpoint reading."""
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,42 +113,6 @@ class ConvModule(nn.Sequential):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
-
-
-def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Read a local checkpoint: a ``.safetensors`` file, a ``torch.save`` file (``.pth``/``.pt``/
-    ``.bin``/``.ckpt``; a ``state_dict``/``model``/``module`` entry is unwrapped), or a directory
-    holding ``model.safetensors`` / ``pytorch_model.bin`` / a single checkpoint. Never downloads."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        names = ["model.safetensors", "pytorch_model.bin"]
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            ckpts = sorted(f for f in os.listdir(path)
-                           if f.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt")))
-            if len(ckpts) != 1:
-                raise FileNotFoundError(f"{what}: directory {path!r} has no model.safetensors / "
-                                        f"pytorch_model.bin and {len(ckpts)} other checkpoint files "
-                                        f"({', '.join(ckpts) or 'none'}); pass the file itself")
-            found = [os.path.join(path, ckpts[0])]
-        path = found[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no such file or directory: {path!r} (weights are only read "
-                                f"from local files, never downloaded)")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:  # pragma: no cover - safetensors ships with transformers
-            raise ImportError(f"{what}: reading {path!r} needs the safetensors package") from err
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-            sd = sd[key]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{what}: {path!r} does not hold a state dict (got {type(sd).__name__})")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
