@@ -81,7 +81,7 @@ def test_demo_defaults_are_the_fair_miniature():
     for name in ("bilinear", "sapa_b", "fade", "sapa_d"):
         cfg = build_config(name, 0)
         assert (cfg.data.image_size, cfg.model.dropout, cfg.model.embed_dim) == (128, 0.1, 64)
-        assert cfg.train.eval_interval == 0 and cfg.train.max_iters == 600 and cfg.data.batch_size == 8
+        assert cfg.train.eval_interval == 0 and cfg.train.max_iters == 450 and cfg.data.batch_size == 8
         assert cfg.model.upsampler == name
     assert cmp.EVAL_RULE == "last"
     model = build_model(build_config("sapa_b", 0))
