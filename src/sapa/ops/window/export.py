@@ -3,23 +3,34 @@
 ``torch.export`` keeps our custom ops as themselves (``sapa::sapa_fwd_cpu`` ...). ONNX has no such
 operator, so before writing ONNX, :func:`sapa.export.export_onnx` replaces each of them with the
 function here (``ExportedProgram.run_decompositions``). They follow the reference's semantics
-(docs/SEMANTICS.md) but are written as ``K*K`` shifted slices of the zero-padded low-res tensor: no
-unfold, so the graph never holds ``[B, C, K*K, H, W]``; only one shifted ``[B, H, W, C]`` slice and
-one product the size of the output exist per window position. The only ``K*K``-sized tensor is the
-kernel map ``[B, H', W', K*K]`` itself.
+(docs/SEMANTICS.md: out-of-range taps have key 0 and value 0) with no unfold: the graph never holds
+``[B, C, K*K, H, W]``.
 
-Layout: channels-last ``[B, H, s, W, s, C]`` blocks (high-res pixel ``(s*h + a, s*w + b)`` is block
-``(h, a, w, b)``), so a low-res slice ``[B, H, 1, W, 1, C]`` broadcasts over the ``s x s`` sub-pixels
-and a weight ``[B, H, s, W, s, 1]`` over the channels. Measured with onnxruntime 1.32 on this 2-core
-VM (reassemble, B=1, C=256, 64x64 -> 128x128, K=5, one loaded run): NCHW blocks 1825 ms,
-channels-last blocks 282 ms, a per-row partial window ``[B, H, W, K, C]`` + batched MatMul 450 ms,
-ONNX ``DeformConv`` with the kernels as its mask 740 ms. Channels-last it is.
+Form: per-pixel ``MatMul`` over one kernel row at a time. The zero-padded low-res map is turned,
+once, into its *row windows* ``[B, H+2r, W, K, c]`` (the ``K`` horizontal shifts stacked: ``K``
+times the input, not ``K*K``); kernel row ``dy`` is the slice ``[dy, dy+H)`` of that. High-res
+maps live as *pixel-major* ``[B, H, W, s*s, c]`` (low-res pixel, then its ``s x s`` sub-pixels), so
+for every low-res pixel the contribution of row ``dy`` is a small matrix product,
+``[s*s, K] @ [K, C]`` for the reassembly and ``[s*s, d] @ [d, K]`` for the logits, and the ``K``
+row products are summed (reassembly) or concatenated (logits).
+
+Layout changes are written as single-axis moves (NCHW <-> NHWC, or one axis past a contiguous
+block), the transposes onnxruntime has fast paths for: a general 6-D permute of the output took
+105 ms where the two moves take 9 ms (B=1, C=256, 128x128, one thread). Measured with onnxruntime
+1.32 on the 2-core VM, reassembly alone at B=1, C=256, 64x64 -> 128x128, K=5, one thread, busy
+machine: ``K*K`` shifted slices with Mul/Add in channels-last blocks 248 ms (1881 ms before its
+final transpose was put behind a Reshape: onnxruntime's transpose optimizer had pushed it up through
+every Mul, giving them 2-element broadcast spans), the same per sub-pixel 225 ms, row windows +
+MatMul with 6-D permutes 179 ms, the form here 90 ms.
 
 Ceil-mode guides (``H' < s*H``) are zero-padded to ``s*H`` and the result cropped, as the reference
-does. The graph depends on ``K`` and ``s`` only, so its node count does not change with ``H, W``.
-Half precision is computed in float32 and returned in the input dtype, as every backend does.
+does. The graph depends on ``K``, ``s`` and the groups only, so its node count does not change with
+``H, W``. Half precision is computed in float32 and returned in the input dtype, as every backend
+does.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,84 +38,91 @@ import torch.nn.functional as F
 from .._common import compute_dtype
 
 
-def _blocks(t: torch.Tensor, H, W, s: int) -> torch.Tensor:
-    """High-res ``[B, c, H', W']`` (H' <= s*H) -> zero-padded channels-last blocks ``[B, H, s, W, s, c]``."""
-    B, c, Hq, Wq = t.shape
+def _pix(t: torch.Tensor, H, W, s: int) -> torch.Tensor:
+    """High-res ``[B, c, H', W']`` (H' <= s*H) -> zero-padded pixel-major ``[B, H, W, s*s, c]``
+    (high-res pixel ``(s*h + a, s*w + b)`` is ``[h, w, a*s + b]``)."""
+    Hq, Wq = t.shape[-2:]
     # aten.constant_pad_nd, not F.pad: F.pad tests for an all-zero padding, which under export
     # would fix H' = s*H (the example's sizes) and lose the ceil-mode guide sizes.
     t = torch.ops.aten.constant_pad_nd(t, [0, s * W - Wq, 0, s * H - Hq], 0.0)
-    return t.unflatten(3, (-1, s)).unflatten(2, (-1, s)).permute(0, 2, 3, 4, 5, 1)
+    t = t.permute(0, 2, 3, 1).unflatten(2, (-1, s)).unflatten(1, (-1, s))  # [B, H, a, W, b, c]
+    return t.transpose(2, 3).flatten(3, 4)
 
 
-def crop(t: torch.Tensor, Hq, Wq) -> torch.Tensor:
-    """``t[..., :Hq, :Wq]`` as two ``index_select``s. A slice would do, but under ``torch.export``
-    recording the slice's metadata tests it for contiguity (``Wq == W``), and with an example at
-    exactly ``s*H`` that guard fixes ``H' = s*H``, losing the ceil-mode guide sizes; a gathered
-    tensor is contiguous whatever the sizes."""
-    t = t.index_select(-2, torch.arange(Hq, device=t.device))
-    return t.index_select(-1, torch.arange(Wq, device=t.device))
+def crop(t: torch.Tensor, Hq, Wq, dims=(-2, -1)) -> torch.Tensor:
+    """``t[..., :Hq, :Wq]`` (on ``dims``) as two ``index_select``s. A slice would do, but under
+    ``torch.export`` recording the slice's metadata tests it for contiguity (``Wq == W``), and with
+    an example at exactly ``s*H`` that guard fixes ``H' = s*H``, losing the ceil-mode guide sizes; a
+    gathered tensor is contiguous whatever the sizes."""
+    t = t.index_select(dims[0], torch.arange(Hq, device=t.device))
+    return t.index_select(dims[1], torch.arange(Wq, device=t.device))
 
 
-def _unblock(t: torch.Tensor, Hq, Wq) -> torch.Tensor:
-    """Channels-last blocks ``[B, H, s, W, s, c]`` -> NCHW ``[B, c, H', W']`` (cropped)."""
-    return crop(t.permute(0, 5, 1, 2, 3, 4).flatten(4, 5).flatten(2, 3), Hq, Wq)
+def _unpix(t: torch.Tensor, Hq, Wq) -> torch.Tensor:
+    """Pixel-major ``[B, H, W, s*s, c]`` -> NCHW ``[B, c, H', W']`` (cropped). Cropped channels-last,
+    where each gathered row is at least ``c`` contiguous values."""
+    B, H, W, s2, c = t.shape
+    s = math.isqrt(s2)
+    t = t.unflatten(3, (s, s)).transpose(2, 3).flatten(3, 4).flatten(1, 2)  # [B, s*H, s*W, c]
+    return crop(t, Hq, Wq, dims=(1, 2)).permute(0, 3, 1, 2)
 
 
-def _shifted(x: torch.Tensor, K: int):
-    """Yield, for each window position ``n = dy*K + dx``, the low-res ``[B, c, H, W]`` map shifted by
-    ``(dy - r, dx - r)`` with zeros outside, as channels-last ``[B, H, 1, W, 1, c]``.
-
-    Slice bounds are constants (``dy`` to ``dy - 2r``, counted from the end), so the graph has no
-    size arithmetic per window position: with ``dy + H`` as the end, SAPA-G's graph had 2708 nodes
-    before optimisation and took 52 s to translate to ONNX on the loaded 2-core VM."""
+def _row_windows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """Low-res ``[B, c, H, W]`` -> row windows ``[B, H+2r, W, K, c]`` of the zero-padded map:
+    ``[i, w, dx]`` is padded pixel ``(i, w + dx)``. Slice bounds are constants (``dx`` to
+    ``dx - 2r``, counted from the end), so the graph has no size arithmetic per window position."""
     r = K // 2
-    end = 2**62  # "to the end" (what x[a:] means), for the last position
-    xp = F.pad(x, (r, r, r, r)).permute(0, 2, 3, 1).unsqueeze(2).unsqueeze(4)  # [B, H+2r, 1, W+2r, 1, c]
-    sl = torch.ops.aten.slice.Tensor  # one node per sliced dim (x[:, a:b] also emits a no-op slice of dim 0)
+    xp = F.pad(x, (r, r, r, r)).permute(0, 2, 3, 1)  # [B, H+2r, W+2r, c]
+    return torch.stack([_sl(xp, 2, dx, (dx - 2 * r) or _END) for dx in range(K)], dim=3)
+
+
+_END = 2**62  # "to the end" (what x[a:] means), for the last position
+_sl = torch.ops.aten.slice.Tensor  # one node per sliced dim (x[:, a:b] also emits a no-op slice of dim 0)
+
+
+def _rows(win: torch.Tensor, K: int):
+    """Kernel row ``dy`` of every window: ``win[:, dy:dy+H]`` for ``dy`` in ``0..K-1``."""
+    r = K // 2
     for dy in range(K):
-        row = sl(xp, 1, dy, (dy - 2 * r) or end)
-        for dx in range(K):
-            yield sl(row, 3, dx, (dx - 2 * r) or end)
+        yield _sl(win, 1, dy, (dy - 2 * r) or _END)
 
 
-def _logits_cl(q, k, K, s):
-    """Window logits as channels-last blocks ``[B, H, s, W, s, K*K]``."""
+def _logits_pix(q, k, K, s):
+    """Window logits, pixel-major ``[B, H, W, s*s, K*K]``."""
     H, W = k.shape[-2:]
-    qb = _blocks(q, H, W, s)
-    return torch.cat([(qb * kn).sum(-1, keepdim=True) for kn in _shifted(k, K)], dim=-1)
+    qp = _pix(q, H, W, s)  # [B, H, W, s*s, d]
+    kw = _row_windows(k, K).transpose(3, 4)  # [B, H+2r, W, d, K]
+    return torch.cat([torch.matmul(qp, kr) for kr in _rows(kw, K)], dim=-1)
 
 
-def _reassemble_cl(wb, v, K, groups):
-    """``wb`` channels-last blocks ``[B, H, s, W, s, G*K*K]``, v ``[B, C, H, W]`` -> blocks ``[B, H, s, W, s, C]``."""
-    C, n2 = v.shape[1], K * K
-    if groups == 1:
-        out = None
-        for n, vn in enumerate(_shifted(v, K)):
-            t = wb[..., n:n + 1] * vn
-            out = t if out is None else out + t
-        return out
-    G, c = groups, C // groups
-    wg = wb.unflatten(-1, (G, n2))
+def _reassemble_pix(wp, v, K, groups):
+    """``wp`` pixel-major ``[B, H, W, s*s, G*K*K]``, v ``[B, C, H, W]`` -> pixel-major ``[B, H, W, s*s, C]``."""
+    n2 = K * K
+    vw = _row_windows(v, K)  # [B, H+2r, W, K, C]
+    if groups > 1:
+        G = groups
+        wp = wp.unflatten(-1, (G, n2)).transpose(3, 4)  # [B, H, W, G, s*s, K*K]
+        vw = vw.unflatten(-1, (G, -1)).transpose(3, 4)  # [B, H+2r, W, G, K, c]
     out = None
-    for n, vn in enumerate(_shifted(v, K)):
-        t = wg[..., n:n + 1] * vn.unflatten(-1, (G, c))
+    for dy, vr in enumerate(_rows(vw, K)):
+        t = torch.matmul(_sl(wp, -1, dy * K, dy * K + K), vr)
         out = t if out is None else out + t
-    return out.flatten(-2, -1)
+    return out if groups == 1 else out.transpose(3, 4).flatten(-2, -1)
 
 
 def window_similarity(q, k, kernel_size, scale_factor):
     dtype, ct = q.dtype, compute_dtype(q.dtype)
     Hq, Wq = q.shape[-2:]
-    logits = _logits_cl(q.to(ct), k.to(ct), kernel_size, scale_factor)
-    return _unblock(logits, Hq, Wq).to(dtype)
+    logits = _logits_pix(q.to(ct), k.to(ct), kernel_size, scale_factor)
+    return _unpix(logits, Hq, Wq).to(dtype)
 
 
 def reassemble(weights, v, kernel_size, scale_factor, groups):
     dtype, ct = v.dtype, compute_dtype(v.dtype)
     H, W = v.shape[-2:]
     Hq, Wq = weights.shape[-2:]
-    wb = _blocks(weights.to(ct), H, W, scale_factor)
-    return _unblock(_reassemble_cl(wb, v.to(ct), kernel_size, groups), Hq, Wq).to(dtype)
+    wp = _pix(weights.to(ct), H, W, scale_factor)
+    return _unpix(_reassemble_pix(wp, v.to(ct), kernel_size, groups), Hq, Wq).to(dtype)
 
 
 def sapa(q, k, v, kernel_size, scale_factor):
@@ -112,9 +130,9 @@ def sapa(q, k, v, kernel_size, scale_factor):
     exported inference graph drops it)."""
     dtype, ct = v.dtype, compute_dtype(v.dtype)
     Hq, Wq = q.shape[-2:]
-    logits = _logits_cl(q.to(ct), k.to(ct), kernel_size, scale_factor)
-    out = _unblock(_reassemble_cl(torch.softmax(logits, dim=-1), v.to(ct), kernel_size, 1), Hq, Wq)
-    lse = _unblock(torch.logsumexp(logits, dim=-1, keepdim=True), Hq, Wq)[:, 0]
+    logits = _logits_pix(q.to(ct), k.to(ct), kernel_size, scale_factor)
+    out = _unpix(_reassemble_pix(torch.softmax(logits, dim=-1), v.to(ct), kernel_size, 1), Hq, Wq)
+    lse = _unpix(torch.logsumexp(logits, dim=-1, keepdim=True), Hq, Wq)[:, 0]
     return out.to(dtype), lse
 
 
