@@ -4,8 +4,8 @@
 
 How: ``torch.export.export`` (our ops appear as the custom ops they are, with dynamic batch and
 spatial dims), then ``run_decompositions`` replaces every ``sapa::*_fwd_*`` op with its pure-aten
-form (``sapa/ops/<op>/export.py``: shifted slices for the window ops, one ``grid_sample`` per point
-for SAPA-D), then torch's dynamo-based ONNX exporter writes standard operators only. The result is
+form (``sapa/ops/<op>/export.py``: row windows and one MatMul per kernel row for the window ops,
+one ``grid_sample`` per point for SAPA-D), then torch's dynamo-based ONNX exporter writes standard operators only. The result is
 checked (``onnx.checker``, no node outside the default ONNX domain) before anything is written; a
 path is written through a temporary file in the same folder and ``os.replace``d, so a failed
 export leaves no file behind and never clobbers an existing one.

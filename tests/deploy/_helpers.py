@@ -7,7 +7,7 @@ import sapa
 from sapa.registry import get_upsampler_class
 
 C = 32  # GroupNorm(32, C) in SAPA-B / A2U needs a multiple of 32
-# Smallest window for the window-op upsamplers keeps the ONNX graphs (K*K shifted slices) small.
+# Smallest window for the window-op upsamplers keeps the ONNX graphs (K row windows, K MatMuls) small.
 SMALL_KW = {"carafe": {"kernel_size": 3}, "fade": {"kernel_size": 3}, "sapa_i": {"kernel_size": 3},
             "sapa_b": {"kernel_size": 3}, "sapa_g": {"kernel_size": 3}, "sapa_d": {"num_points": 4}}
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sapa
-from sapa.export import export_program
+from sapa.export import HOSTS, build_host, export_program
 
 from _compare import assert_close
 from ._helpers import build, inputs, max_rel_error
@@ -100,3 +100,33 @@ def test_channels_last_in_and_out(name):
     out.square().mean().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in cl)
     assert up(*args).is_contiguous(), f"{name}: a contiguous input must give a contiguous output"
+
+
+# SegFormer-B1 runs by default: its transformers encoder is where a fresh model used to graph-break
+# (transformers installs its output hooks on the first forward, under a lock dynamo cannot trace).
+_HOST_CASES = [h if h == "segformer-b1" else pytest.param(h, marks=pytest.mark.slow) for h in HOSTS]
+
+
+@pytest.mark.parametrize("host", _HOST_CASES)
+def test_host_compile_fullgraph_no_recompile_across_batch(host):
+    """A fresh host (never run eagerly before) compiles with fullgraph at a small size, and a new
+    batch size reuses the graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = build_host(host, upsampler="sapa_b", num_classes=5)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.mark_dynamic(x, 0)
+
+    def check(got, want, what):
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))  # FPN: a tuple of maps
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_close(g, w, what=what)
+
+    with torch.no_grad():
+        check(compiled(x), m(x), f"{host} compiled")
+        x3 = torch.randn(3, 3, 64, 64)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out3 = compiled(x3)
+        check(out3, m(x3), f"{host} compiled, batch 3")

@@ -157,6 +157,18 @@ def mit_config(variant: str = "b1", **overrides: Any) -> Any:
     return SegformerConfig(**kw)
 
 
+def _install_output_hooks(backbone: nn.Module) -> None:
+    """Install transformers' output-capturing hooks now, not on the first forward. transformers 5
+    installs them on the first call that asks for hidden states, under a ``threading.Lock`` that
+    ``torch.compile(fullgraph=True)`` cannot trace (a graph break on a fresh model); once installed,
+    that call returns before the lock. transformers 4 has no such hooks."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    maybe_install_capturing_hooks(backbone)
+
+
 class SegFormer(nn.Module):
     """MiT encoder (``transformers.SegformerModel``) + :class:`SegFormerHead`.
 
@@ -183,6 +195,7 @@ class SegFormer(nn.Module):
         if isinstance(config, dict):
             config = SegformerConfig(**config)
         self.backbone = SegformerModel(config)
+        _install_output_hooks(self.backbone)
         self.decode_head = SegFormerHead(list(config.hidden_sizes), embed_dim=embed_dim, num_classes=num_classes,
                                          upsampler=upsampler, dropout=dropout, align_corners=align_corners)
 
