@@ -68,12 +68,11 @@ DEMO_OVERRIDES = ("model.embed_dim=64", "model.dropout=0.1", "train.max_iters=45
 EVAL_RULE = "last"
 #: Seed-to-seed spread (sample std over seeds of one seed's paired difference to bilinear, pooled
 #: over the upsamplers) of the default settings, measured by ``command``; used to label one-seed
-#: runs of the default settings. Measured on SAPA-B's paired differences only (3 seeds, 2 degrees of
-#: freedom: a rough estimate; bilinear's own seed std was 0.60 mIoU / 1.03 bIoU in the same run).
-#: Replace it with the pooled value of ``sapa compare --upsamplers all --seeds 3`` once that has run.
+#: runs of the default settings (docs/RESULTS.md, "The 128x128 table", has the run).
 MEASURED_SPREAD: dict | None = {
-    "miou": 0.34, "biou": 0.35,
-    "command": "`sapa compare --upsamplers bilinear sapa_b --seeds 3` at commit 28fbbb8 (SAPA-B only, 3 seeds)"}
+    "miou": 0.91, "biou": 1.17,
+    "command": "`sapa compare --upsamplers all --seeds 3` at commit 8235b38 (13 upsamplers x 3 seeds, "
+               "pooled over the 12 paired differences)"}
 FIGURE_IMAGES = (0, 1, 2, 3)
 
 

@@ -50,12 +50,18 @@ def _pix(t: torch.Tensor, H, W, s: int) -> torch.Tensor:
 
 
 def crop(t: torch.Tensor, Hq, Wq, dims=(-2, -1)) -> torch.Tensor:
-    """``t[..., :Hq, :Wq]`` (on ``dims``) as two ``index_select``s. A slice would do, but under
-    ``torch.export`` recording the slice's metadata tests it for contiguity (``Wq == W``), and with
-    an example at exactly ``s*H`` that guard fixes ``H' = s*H``, losing the ceil-mode guide sizes; a
-    gathered tensor is contiguous whatever the sizes."""
-    t = t.index_select(dims[0], torch.arange(Hq, device=t.device))
-    return t.index_select(dims[1], torch.arange(Wq, device=t.device))
+    """``t`` cropped to ``Hq x Wq`` on ``dims``, as a ``constant_pad_nd`` with negative amounts (an
+    ONNX ``Pad``). A slice would do, but under ``torch.export`` recording the slice's metadata tests
+    it for contiguity (``Wq == W``), and with an example at exactly ``s*H`` that guard fixes
+    ``H' = s*H``, losing the ceil-mode guide sizes (measured: a Reshape with the example's sizes,
+    failing at a ceil-mode size). The pad records no guard; it also copies rows, where the
+    ``index_select`` used before gathered single elements along the last axis."""
+    nd = t.dim()
+    d0, d1 = dims[0] % nd, dims[1] % nd
+    pads = [0] * (2 * (nd - min(d0, d1)))  # (low, high) per dim, from the last dim backwards
+    pads[2 * (nd - 1 - d1) + 1] = Wq - t.shape[d1]
+    pads[2 * (nd - 1 - d0) + 1] = Hq - t.shape[d0]
+    return torch.ops.aten.constant_pad_nd(t, pads, 0.0)
 
 
 def _unpix(t: torch.Tensor, Hq, Wq) -> torch.Tensor:
