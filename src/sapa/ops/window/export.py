@@ -66,7 +66,7 @@ def crop(t: torch.Tensor, Hq, Wq, dims=(-2, -1)) -> torch.Tensor:
 
 def _unpix(t: torch.Tensor, Hq, Wq) -> torch.Tensor:
     """Pixel-major ``[B, H, W, s*s, c]`` -> NCHW ``[B, c, H', W']`` (cropped). Cropped channels-last,
-    where each gathered row is at least ``c`` contiguous values."""
+    where the crop copies runs of at least ``c`` contiguous values."""
     B, H, W, s2, c = t.shape
     s = math.isqrt(s2)
     t = t.unflatten(3, (s, s)).transpose(2, 3).flatten(3, 4).flatten(1, 2)  # [B, s*H, s*W, c]
