@@ -225,6 +225,24 @@ def _register_mmseg() -> str | None:
                              f"configs), got {head.norm_cfg!r}")
         return nn.SyncBatchNorm.convert_sync_batchnorm(core) if kind == "SyncBN" else core
 
+    def _head_kwargs(kwargs):
+        """mmseg ``BaseDecodeHead`` keywords with the defaults of sapa's hosts: all four stages, BN."""
+        kwargs.setdefault("in_index", [0, 1, 2, 3])
+        kwargs.setdefault("norm_cfg", dict(type="BN", requires_grad=True))
+        return kwargs
+
+    def _adopt(owner, head, upsampler, n, build_core, names):
+        """Build sapa's head ``build_core(spec)`` for ``head`` (an mm upsampler config becomes ``n``
+        upsamplers at ``head.channels``), apply ``head.norm_cfg`` and take its ``names`` as ``head``'s
+        own submodules (the keys of mmseg's head); returns the core."""
+        spec = upsampler
+        if _is_upsampler_cfg(upsampler):
+            spec = [build_mm_upsampler(upsampler, head.channels, 2) for _ in range(n)]
+        core = _norm(owner, head, build_core(spec))
+        for name in names:
+            setattr(head, name, getattr(core, name))
+        return core
+
     class SapaSegFormerHead(BaseDecodeHead):
         """NVlabs' SegFormer head (the papers' placement, six upsamplers) on mmseg's BaseDecodeHead.
 
@@ -237,17 +255,11 @@ def _register_mmseg() -> str | None:
         """
 
         def __init__(self, upsampler: Any = "bilinear", **kwargs):
-            kwargs.setdefault("in_index", [0, 1, 2, 3])
-            kwargs.setdefault("norm_cfg", dict(type="BN", requires_grad=True))
-            super().__init__(input_transform="multiple_select", **kwargs)
-            spec = upsampler
-            if _is_upsampler_cfg(upsampler):
-                spec = [build_mm_upsampler(upsampler, self.channels, 2) for _ in range(6)]
-            core = SegFormerHead(self.in_channels, embed_dim=self.channels, num_classes=1, upsampler=spec,
-                                 dropout=0.0, align_corners=self.align_corners)
-            core = _norm("SapaSegFormerHead", self, core)
-            for name in ("linear_c1", "linear_c2", "linear_c3", "linear_c4", "upsamplers", "linear_fuse"):
-                setattr(self, name, getattr(core, name))
+            super().__init__(input_transform="multiple_select", **_head_kwargs(kwargs))
+            core = _adopt("SapaSegFormerHead", self, upsampler, 6, lambda spec: SegFormerHead(
+                self.in_channels, embed_dim=self.channels, num_classes=1, upsampler=spec, dropout=0.0,
+                align_corners=self.align_corners),
+                ("linear_c1", "linear_c2", "linear_c3", "linear_c4", "upsamplers", "linear_fuse"))
             self.one_step = core.one_step
             self.embed_dim = self.channels
 
@@ -263,17 +275,11 @@ def _register_mmseg() -> str | None:
         (``upsampler``: ``'bilinear'`` = mmseg's resize; a sapa spec; an mm config)."""
 
         def __init__(self, pool_scales=(1, 2, 3, 6), upsampler: Any = "bilinear", **kwargs):
-            kwargs.setdefault("in_index", [0, 1, 2, 3])
-            kwargs.setdefault("norm_cfg", dict(type="BN", requires_grad=True))
-            super().__init__(input_transform="multiple_select", **kwargs)
-            spec = upsampler
-            if _is_upsampler_cfg(upsampler):
-                spec = [build_mm_upsampler(upsampler, self.channels, 2) for _ in range(3)]
-            core = UPerHead(self.in_channels, self.channels, num_classes=1, upsampler=spec,
-                            pool_scales=pool_scales, dropout=0.0, align_corners=self.align_corners)
-            core = _norm("SapaUPerHead", self, core)
-            for name in ("psp_modules", "bottleneck", "lateral_convs", "fpn_convs", "upsamplers", "fpn_bottleneck"):
-                setattr(self, name, getattr(core, name))
+            super().__init__(input_transform="multiple_select", **_head_kwargs(kwargs))
+            _adopt("SapaUPerHead", self, upsampler, 3, lambda spec: UPerHead(
+                self.in_channels, self.channels, num_classes=1, upsampler=spec, pool_scales=pool_scales,
+                dropout=0.0, align_corners=self.align_corners),
+                ("psp_modules", "bottleneck", "lateral_convs", "fpn_convs", "upsamplers", "fpn_bottleneck"))
 
         psp_forward = UPerHead.psp_forward
 
