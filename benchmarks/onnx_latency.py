@@ -31,10 +31,9 @@ from sapa.registry import get_upsampler_class
 def case(name: str, repeats: int, threads: int, preset: str = "segformer") -> dict:
     import onnxruntime
 
-    from sapa.models.presets import describe, get_preset
+    from sapa.models.presets import describe, resolve_spec
 
-    row = None if preset == "none" else get_preset(preset, name)
-    up = sapa.build_upsampler(name, 256, **(dict(row.config) if row is not None else {})).eval()
+    up = sapa.build_upsampler(name if preset == "none" else resolve_spec(preset, name), 256).eval()
     module = "registered defaults" if preset == "none" else f"{preset}: {describe(preset, name)}"
     needs = get_upsampler_class(name).needs_guide
 
