@@ -38,6 +38,10 @@ import torch.nn.functional as F
 from .._common import compute_dtype
 
 
+_END = 2**62  # "to the end" (what x[a:] means), for the last position
+_sl = torch.ops.aten.slice.Tensor  # one node per sliced dim (x[:, a:b] also emits a no-op slice of dim 0)
+
+
 def _pix(t: torch.Tensor, H, W, s: int) -> torch.Tensor:
     """High-res ``[B, c, H', W']`` (H' <= s*H) -> zero-padded pixel-major ``[B, H, W, s*s, c]``
     (high-res pixel ``(s*h + a, s*w + b)`` is ``[h, w, a*s + b]``)."""
@@ -80,10 +84,6 @@ def _row_windows(x: torch.Tensor, K: int) -> torch.Tensor:
     r = K // 2
     xp = F.pad(x, (r, r, r, r)).permute(0, 2, 3, 1)  # [B, H+2r, W+2r, c]
     return torch.stack([_sl(xp, 2, dx, (dx - 2 * r) or _END) for dx in range(K)], dim=3)
-
-
-_END = 2**62  # "to the end" (what x[a:] means), for the last position
-_sl = torch.ops.aten.slice.Tensor  # one node per sliced dim (x[:, a:b] also emits a no-op slice of dim 0)
 
 
 def _rows(win: torch.Tensor, K: int):
